@@ -1,0 +1,25 @@
+"""scm-ops: differentiable operators for the Spatial Calibration Module (SCM, ECCV 2022).
+
+Operators (batched over the leading dimension, registered as ``torch.ops.scm_ops.*``):
+
+- :func:`cosine_similarity` -- pairwise cosine of patch vectors, [B, N, D] -> [B, N, N]
+- :func:`spatial_semantic_laplacian` -- L = (D - A) * (lam * E - 1) on an H x W grid
+- :func:`newton_schulz_inverse` -- X_0 = alpha L^T, X_{k+1} = X_k (2I - L X_k)
+
+Backends: CUDA tensors run Triton kernels, CPU tensors plain PyTorch; ``backend=`` or the
+environment variable ``SCM_OPS_BACKEND=triton|torch`` forces one.
+"""
+from .cosine import cosine_similarity
+from .laplacian import grid_laplacian, spatial_semantic_laplacian
+from .newton_schulz import NewtonSchulzDivergenceError, newton_schulz_inverse, spectral_norm_bound
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cosine_similarity",
+    "spatial_semantic_laplacian",
+    "grid_laplacian",
+    "newton_schulz_inverse",
+    "NewtonSchulzDivergenceError",
+    "spectral_norm_bound",
+]

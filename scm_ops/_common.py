@@ -1,0 +1,79 @@
+"""Backend choice, input validation and the lazy import of the Triton kernels."""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("triton", "torch")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
+    """The backend an operator runs for `tensor`.
+
+    Order: the per-call argument, then the environment variable SCM_OPS_BACKEND, then the
+    device: Triton kernels for CUDA tensors, plain PyTorch for everything else.
+    A forced Triton backend on a CPU tensor needs TRITON_INTERPRET=1.
+    """
+    choice = backend if backend is not None else os.environ.get("SCM_OPS_BACKEND") or None
+    if choice is None:
+        return "triton" if tensor.is_cuda else "torch"
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {choice!r}")
+    if choice == "triton" and not tensor.is_cuda and not interpreting():
+        raise ValueError(
+            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+            f"imported to run the kernels on the CPU; got a tensor on {tensor.device}")
+    return choice
+
+
+def checks_enabled() -> bool:
+    """Finite-value and convergence checks synchronise with the device; SCM_OPS_CHECKS=0
+    turns them off (shape, dtype and device checks always run)."""
+    return os.environ.get("SCM_OPS_CHECKS", "1") != "0"
+
+
+def check_float_tensor(name: str, t, ndim: int | tuple[int, ...], shape_doc: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    dims = (ndim,) if isinstance(ndim, int) else ndim
+    if t.dim() not in dims:
+        raise ValueError(f"{name} must have shape {shape_doc}, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"{name_a} is {a.dtype} but {name_b} is {b.dtype}")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if checks_enabled() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 for float64, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kernel_module(name: str):
+    """Import scm_ops.kernels.<name> (lazily, so TRITON_INTERPRET is read at first use)."""
+    return importlib.import_module(f"scm_ops.kernels.{name}")
+
+
+def kernel_config(module, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(constexpr block sizes, launch options) the launcher uses for `dtype`."""
+    cfg = dict(module.CONFIGS["fp64" if dtype == torch.float64 else "fp32"])
+    launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
+    return cfg, launch

@@ -1,0 +1,197 @@
+"""Batched Newton-Schulz approximate inverse: X_0 = alpha L^T, X_{k+1} = X_k (2I - L X_k).
+
+Forward and backward are written once, over a batched product with a fused axpby epilogue
+(`out = s * A @ B + t * C`): Triton's `bmm_axpby_kernel` on the Triton backend, `baddbmm`
+on the PyTorch backend. The backward pass recomputes the iterates from L (so nothing but L
+is kept between forward and backward) and walks them in reverse:
+
+    X_{k+1} = 2 X_k - X_k L X_k  =>  dL   -= X_k^T G X_k^T
+                                     G_k   = 2 G - G X_k^T L^T - L^T X_k^T G
+    X_0 = alpha L^T              =>  dL   += alpha G_0^T   (exact gradient only)
+
+With ``detach_init=True`` the last term is dropped: X_0 carries no gradient, which is the
+gradient of the published SCM code.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from ._common import (check_finite, check_float_tensor, checks_enabled, compute_dtype,
+                      kernel_config, kernel_module, resolve_backend)
+
+__all__ = ["newton_schulz_inverse", "NewtonSchulzDivergenceError", "spectral_norm_bound"]
+
+
+class NewtonSchulzDivergenceError(ValueError):
+    """alpha * sigma_max(L)^2 >= 2: the Newton-Schulz iteration does not converge."""
+
+
+def _bmm_torch(a, b, scale=1.0, c=None, c_scale=0.0):
+    if c is None:
+        return torch.bmm(a, b) if scale == 1.0 else scale * torch.bmm(a, b)
+    return torch.baddbmm(c, a, b, beta=c_scale, alpha=scale)
+
+
+def _bmm_triton(a, b, scale=1.0, c=None, c_scale=0.0):
+    # scale and c_scale are passed to the kernel as float32 scalars: callers only use
+    # values exact in float32 (+-1, 2), so float64 products stay float64-exact.
+    kern = kernel_module("newton_schulz")
+    cfg, launch = kernel_config(kern, a.dtype)
+    batch, m, k = a.shape
+    n = b.shape[2]
+    out = torch.empty(batch, m, n, device=a.device, dtype=a.dtype)
+    cc = out if c is None else c
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), batch)
+    kern.bmm_axpby_kernel[grid](a, b, cc, out, m, n, k, scale, c_scale,
+                                *a.stride(), *b.stride(), *cc.stride(),
+                                HAS_C=c is not None, IS_FP64=a.dtype == torch.float64,
+                                **cfg, **launch)
+    return out
+
+
+def _bmm(backend):
+    return _bmm_triton if backend == "triton" else _bmm_torch
+
+
+def _iterates(lc, iterations, alpha, bmm):
+    """[X_0, ..., X_iterations] for L in its compute dtype."""
+    xs = [alpha * lc.transpose(1, 2)]
+    for _ in range(iterations):
+        x = xs[-1]
+        lx = bmm(lc, x)
+        xs.append(bmm(x, lx, -1.0, x, 2.0))          # 2 X - X (L X)
+    return xs
+
+
+def newton_schulz_fwd(l, iterations, alpha, backend):
+    lc = l.to(compute_dtype(l.dtype))
+    x = alpha * lc.transpose(1, 2)
+    bmm = _bmm(backend)
+    for _ in range(iterations):
+        x = bmm(x, bmm(lc, x), -1.0, x, 2.0)
+    return x.to(l.dtype)
+
+
+def newton_schulz_bwd(grad_x, l, iterations, alpha, detach_init, backend):
+    lc = l.to(compute_dtype(l.dtype))
+    bmm = _bmm(backend)
+    xs = _iterates(lc, iterations - 1, alpha, bmm) if iterations > 0 else []
+    g = grad_x.to(lc.dtype)
+    lt = lc.transpose(1, 2)
+    grad_l = torch.zeros_like(lc)
+    for xk in reversed(xs):
+        xkt = xk.transpose(1, 2)
+        gxt = bmm(g, xkt)                            # G X^T
+        grad_l = bmm(xkt, gxt, -1.0, grad_l, 1.0)    # dL -= X^T G X^T
+        partial = bmm(gxt, lt, -1.0, g, 2.0)         # 2G - G X^T L^T
+        g = bmm(lt, bmm(xkt, g), -1.0, partial, 1.0)  # ... - L^T X^T G
+    if not detach_init:
+        grad_l = grad_l + alpha * g.transpose(1, 2)
+    return grad_l.to(l.dtype)
+
+
+def spectral_norm_bound(l: torch.Tensor) -> torch.Tensor:
+    """A cheap upper bound of sigma_max(L) per batch item, [B]:
+    sqrt(max row abs sum * max column abs sum) (Gershgorin / Hoelder); for a symmetric L it
+    is the max row abs sum of SPEC section 4."""
+    a = l.abs().to(compute_dtype(l.dtype))
+    return (a.sum(2).amax(1) * a.sum(1).amax(1)).sqrt()
+
+
+def check_convergence(l: torch.Tensor, alpha: float) -> None:
+    """Raise NewtonSchulzDivergenceError where alpha * sigma_max(L)^2 >= 2.
+
+    The residual obeys I - X_k L = (I - alpha L^T L)^(2^k), so the iteration converges iff
+    alpha sigma_max^2 < 2. The Gershgorin bound screens the batch in one pass; only items it
+    cannot clear get an exact sigma_max (an SVD), so a false alarm is impossible."""
+    bound = spectral_norm_bound(l)
+    suspects = torch.nonzero(alpha * bound * bound >= 2).flatten()
+    if suspects.numel() == 0:
+        return
+    sigma = torch.linalg.matrix_norm(l[suspects].double(), ord=2)
+    bad = alpha * sigma * sigma >= 2
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        item, s = int(suspects[i]), float(sigma[i])
+        raise NewtonSchulzDivergenceError(
+            f"newton_schulz_inverse diverges: alpha * sigma_max(L)^2 = {alpha * s * s:.4g} >= 2 "
+            f"for batch item {item} (alpha={alpha:g}, sigma_max(L)={s:.4g}); it converges only "
+            f"for alpha < {2 / (s * s):.4g}. Lower alpha, or rescale L (in SCM: keep lam near 1).")
+
+
+# ---------------------------------------------------------------- registered operators
+@torch.library.custom_op("scm_ops::newton_schulz_inverse", mutates_args=())
+def _newton_schulz_op(l: torch.Tensor, iterations: int, alpha: float, detach_init: bool,
+                      backend: str) -> torch.Tensor:
+    check_finite("L", l)
+    if iterations > 0 and checks_enabled():
+        check_convergence(l, alpha)
+    return newton_schulz_fwd(l, iterations, alpha, backend)
+
+
+@_newton_schulz_op.register_fake
+def _(l, iterations, alpha, detach_init, backend):
+    return torch.empty_like(l)
+
+
+@torch.library.custom_op("scm_ops::newton_schulz_inverse_backward", mutates_args=())
+def _newton_schulz_backward_op(grad_x: torch.Tensor, l: torch.Tensor, iterations: int,
+                               alpha: float, detach_init: bool, backend: str) -> torch.Tensor:
+    return newton_schulz_bwd(grad_x, l, iterations, alpha, detach_init, backend)
+
+
+@_newton_schulz_backward_op.register_fake
+def _(grad_x, l, iterations, alpha, detach_init, backend):
+    return torch.empty_like(l)
+
+
+def _setup_context(ctx, inputs, output):
+    l, iterations, alpha, detach_init, backend = inputs
+    ctx.save_for_backward(l)
+    ctx.args = (iterations, alpha, detach_init, backend)
+
+
+def _backward(ctx, grad_x):
+    (l,) = ctx.saved_tensors
+    return _newton_schulz_backward_op(grad_x, l, *ctx.args), None, None, None, None
+
+
+_newton_schulz_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def newton_schulz_inverse(L: torch.Tensor, iterations: int, alpha: float,
+                          detach_init: bool = False, *, backend: str | None = None) -> torch.Tensor:
+    """Approximate inverse of each square L[b] by `iterations` Newton-Schulz steps.
+
+    X_0 = alpha L^T, X_{k+1} = X_k (2I - L X_k); returns X_iterations. For a symmetric L
+    (as SCM builds) this is the spectral filter g(t) = (1 - (1 - alpha t^2)^(2^p)) / t.
+
+    Args:
+        L: [B, N, N] float tensor, any square matrices.
+        iterations: p >= 0.
+        alpha: initial scale, > 0. The iteration converges iff alpha * sigma_max(L)^2 < 2.
+        detach_init: False: exact gradient of the truncated iteration. True: the gradient of
+            the published SCM code, where X_0 = alpha L^T carries no gradient.
+        backend: "triton", "torch" or None (SCM_OPS_BACKEND, else by device).
+
+    Returns:
+        X: [B, N, N] in L's dtype (computed in float32, float64 for float64 input).
+
+    Raises:
+        NewtonSchulzDivergenceError (a ValueError) when alpha * sigma_max(L)^2 >= 2 for some
+        batch item, checked at forward time unless SCM_OPS_CHECKS=0.
+    """
+    check_float_tensor("L", L, 3, "[B, N, N]")
+    if L.shape[1] != L.shape[2]:
+        raise ValueError(f"L must be square, [B, N, N], got shape {tuple(L.shape)}")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be an int >= 0, got {iterations!r}")
+    if isinstance(alpha, torch.Tensor):
+        raise TypeError("alpha must be a Python float (a constant of the iteration), not a tensor")
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a finite float > 0, got {alpha!r}")
+    return _newton_schulz_op(L, iterations, alpha, bool(detach_init), resolve_backend(backend, L))

@@ -1,0 +1,53 @@
+"""Reference implementations, written for clarity, not speed: one per operator, used by the
+tests as ground truth (in float64) and by the benchmarks as the published formulation.
+
+Each follows SPEC sections 3-4 literally with dense matrices and autograd through plain
+Python loops. They take the same arguments as the fused operators.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["cosine_similarity_ref", "grid_laplacian_ref", "spatial_semantic_laplacian_ref",
+           "newton_schulz_inverse_ref"]
+
+
+def cosine_similarity_ref(x: torch.Tensor) -> torch.Tensor:
+    """[B, N, D] -> [B, N, N]; a zero row has cosine 0 with everything."""
+    norm = x.norm(dim=-1, keepdim=True)
+    xn = torch.where(norm > 0, x / torch.where(norm > 0, norm, 1), 0)
+    return xn @ xn.transpose(-1, -2)
+
+
+def grid_laplacian_ref(height: int, width: int, connectivity: int = 4,
+                       dtype=torch.float64, device=None) -> torch.Tensor:
+    """D - A of the H x W grid graph, patch n at (n // W, n % W)."""
+    n = height * width
+    adjacency = torch.zeros(n, n, dtype=dtype, device=device)
+    steps = [(0, 1), (1, 0)] + ([(1, 1), (1, -1)] if connectivity == 8 else [])
+    for r in range(height):
+        for c in range(width):
+            for dr, dc in steps:
+                r2, c2 = r + dr, c + dc
+                if 0 <= r2 < height and 0 <= c2 < width:
+                    adjacency[r * width + c, r2 * width + c2] = 1
+                    adjacency[r2 * width + c2, r * width + c] = 1
+    return torch.diag(adjacency.sum(1)) - adjacency
+
+
+def spatial_semantic_laplacian_ref(similarity, grid, lam, connectivity: int = 4) -> torch.Tensor:
+    """L = (D - A) * (lam * E - 1); lam a number, a one-element or a [B] tensor."""
+    g = grid_laplacian_ref(*grid, connectivity, similarity.dtype, similarity.device)
+    lam = torch.as_tensor(lam, dtype=similarity.dtype, device=similarity.device).reshape(-1, 1, 1)
+    return g * (lam * similarity - 1)
+
+
+def newton_schulz_inverse_ref(L, iterations: int, alpha: float, detach_init: bool = False):
+    """X_0 = alpha L^T (no gradient if detach_init), X_{k+1} = X_k (2I - L X_k)."""
+    eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
+    x = alpha * L.transpose(-1, -2)
+    if detach_init:
+        x = x.detach()
+    for _ in range(iterations):
+        x = x @ (2 * eye - L @ x)
+    return x
