@@ -67,6 +67,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def kernel_module(name: str):
     """Import scm_ops.kernels.<name> (lazily, so TRITON_INTERPRET is read at first use)."""
     return importlib.import_module(f"scm_ops.kernels.{name}")

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import torch
-import triton
 
-from ._common import (check_finite, check_float_tensor, compute_dtype, kernel_config,
+from ._common import (cdiv, check_finite, check_float_tensor, compute_dtype, kernel_config,
                       kernel_module, resolve_backend)
 
 __all__ = ["cosine_similarity"]
@@ -36,7 +35,7 @@ def _cosine_fwd_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if e.numel() == 0:
         return e, rnorm
     cfg, launch = kernel_config(kern, x.dtype)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(N, cfg["BLOCK_N"]), B)
+    grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(N, cfg["BLOCK_N"]), B)
     kern.cosine_fwd_kernel[grid](x, e, rnorm, N, D, *x.stride(), *e.stride(),
                                  IS_FP64=x.dtype == torch.float64, **cfg, **launch)
     return e, rnorm
@@ -49,7 +48,7 @@ def _cosine_bwd_triton(grad_e, e, x, rnorm):
     if grad_x.numel() == 0:
         return grad_x
     cfg, launch = kernel_config(kern, x.dtype)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(D, cfg["BLOCK_D"]), B)
+    grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(D, cfg["BLOCK_D"]), B)
     kern.cosine_bwd_kernel[grid](grad_e, e, x, rnorm, grad_x, N, D,
                                  *grad_e.stride(), *e.stride(), *x.stride(),
                                  IS_FP64=x.dtype == torch.float64, **cfg, **launch)

@@ -4,9 +4,8 @@ from __future__ import annotations
 import functools
 
 import torch
-import triton
 
-from ._common import (check_finite, check_float_tensor, check_same, compute_dtype,
+from ._common import (cdiv, check_finite, check_float_tensor, check_same, compute_dtype,
                       kernel_config, kernel_module, resolve_backend)
 
 __all__ = ["spatial_semantic_laplacian", "grid_laplacian"]
@@ -65,7 +64,7 @@ def _laplacian_bwd_torch(grad_l, e, lam, height, width, connectivity):
 def _launch_grid(kern, e):
     cfg, launch = kernel_config(kern, e.dtype)
     B, N, _ = e.shape
-    tiles = triton.cdiv(N, cfg["BLOCK"])
+    tiles = cdiv(N, cfg["BLOCK"])
     return (tiles, tiles, B), cfg, launch
 
 

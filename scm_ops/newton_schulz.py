@@ -17,9 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
-from ._common import (check_finite, check_float_tensor, checks_enabled, compute_dtype,
+from ._common import (cdiv, check_finite, check_float_tensor, checks_enabled, compute_dtype,
                       kernel_config, kernel_module, resolve_backend)
 
 __all__ = ["newton_schulz_inverse", "NewtonSchulzDivergenceError", "spectral_norm_bound"]
@@ -44,7 +43,7 @@ def _bmm_triton(a, b, scale=1.0, c=None, c_scale=0.0):
     n = b.shape[2]
     out = torch.empty(batch, m, n, device=a.device, dtype=a.dtype)
     cc = out if c is None else c
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), batch)
+    grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), batch)
     kern.bmm_axpby_kernel[grid](a, b, cc, out, m, n, k, scale, c_scale,
                                 *a.stride(), *b.stride(), *cc.stride(),
                                 HAS_C=c is not None, IS_FP64=a.dtype == torch.float64,

@@ -1,0 +1,31 @@
+"""Test set-up: the device the operators run on, and the backends under test.
+
+Without CUDA the Triton kernels run in Triton's CPU interpreter, switched on here before
+any kernel module is imported (scm_ops imports them lazily). On a CUDA machine, or with
+SCM_OPS_TEST_DEVICE=cuda, both backends run on CUDA tensors.
+"""
+import os
+
+import pytest
+import torch
+
+from scm_ops.testing import device_under_test
+
+DEVICE = device_under_test()
+if DEVICE.type == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.pop("SCM_OPS_BACKEND", None)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    return request.param
+
+
+def pytest_report_header(config):
+    return f"scm-ops tests on {DEVICE} (Triton {'interpreter' if DEVICE.type == 'cpu' else 'compiled'})"
