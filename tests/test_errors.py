@@ -1,0 +1,62 @@
+"""Bad input gets a clear error naming what is wrong."""
+import pytest
+import torch
+
+import scm_ops
+
+
+def f64(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: scm_ops.cosine_similarity(f64(4, 3)), ValueError, r"x must have shape \[B, N, D\]"),
+    (lambda: scm_ops.cosine_similarity(torch.ones(1, 4, 3, dtype=torch.int64)), TypeError, "x must be float"),
+    (lambda: scm_ops.cosine_similarity([[1.0]]), TypeError, "x must be a torch.Tensor"),
+    (lambda: scm_ops.cosine_similarity(f64(1, 4, 0)), ValueError, "D >= 1"),
+    (lambda: scm_ops.spatial_semantic_laplacian(f64(1, 12, 12), (3, 5), 1.0), ValueError, r"grid \(3, 5\)"),
+    (lambda: scm_ops.spatial_semantic_laplacian(f64(1, 12, 11), (3, 4), 1.0), ValueError, "similarity must have shape"),
+    (lambda: scm_ops.spatial_semantic_laplacian(f64(1, 12, 12), (3, 4), 1.0, 6), ValueError, "connectivity must be 4 or 8"),
+    (lambda: scm_ops.spatial_semantic_laplacian(f64(1, 12, 12), (3, 4.0), 1.0), ValueError, "grid must be a pair"),
+    (lambda: scm_ops.spatial_semantic_laplacian(f64(2, 4, 4), (2, 2), f64(3)), ValueError, r"lam must have one element or shape \[B\]"),
+    (lambda: scm_ops.spatial_semantic_laplacian(f64(1, 4, 4), (2, 2), torch.ones(1)), TypeError, "similarity is torch.float64 but lam is torch.float32"),
+    (lambda: scm_ops.spatial_semantic_laplacian(f64(1, 4, 4), (2, 2), torch.ones(1, dtype=torch.float64, device="meta")), ValueError, "lam is on meta"),
+    (lambda: scm_ops.newton_schulz_inverse(f64(1, 4, 5), 2, 0.1), ValueError, "L must be square"),
+    (lambda: scm_ops.newton_schulz_inverse(f64(4, 4), 2, 0.1), ValueError, r"L must have shape \[B, N, N\]"),
+    (lambda: scm_ops.newton_schulz_inverse(f64(1, 4, 4), -1, 0.1), ValueError, "iterations must be an int >= 0"),
+    (lambda: scm_ops.newton_schulz_inverse(f64(1, 4, 4), 2.0, 0.1), ValueError, "iterations must be an int"),
+    (lambda: scm_ops.newton_schulz_inverse(f64(1, 4, 4), 2, 0.0), ValueError, "alpha must be a finite float > 0"),
+    (lambda: scm_ops.newton_schulz_inverse(torch.ones(1, 4, 4, dtype=torch.int32), 2, 0.1), TypeError, "L must be float"),
+    (lambda: scm_ops.cosine_similarity(f64(1, 4, 3), backend="cuda"), ValueError, "backend must be one of"),
+])
+def test_bad_input_raises(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_finite_input_is_reported(backend, device):
+    x = torch.randn(1, 4, 3, dtype=torch.float64, device=device)
+    x[0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN or infinite"):
+        scm_ops.cosine_similarity(x, backend=backend)
+    e = torch.randn(1, 4, 4, dtype=torch.float64, device=device)
+    e[0, 0, 1] = float("inf")
+    with pytest.raises(ValueError, match="similarity contains NaN"):
+        scm_ops.spatial_semantic_laplacian(e, (2, 2), 1.0, backend=backend)
+    with pytest.raises(ValueError, match="lam contains NaN"):
+        scm_ops.spatial_semantic_laplacian(e.nan_to_num(), (2, 2), float("nan"), backend=backend)
+    with pytest.raises(ValueError, match="L contains NaN"):
+        scm_ops.newton_schulz_inverse(e, 2, 0.1, backend=backend)
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        scm_ops.cosine_similarity(f64(1, 4, 3), backend="triton")
+
+
+def test_environment_forces_backend(monkeypatch):
+    monkeypatch.setenv("SCM_OPS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="'bogus'"):
+        scm_ops.cosine_similarity(f64(1, 4, 3))
