@@ -23,3 +23,7 @@ __all__ = [
     "NewtonSchulzDivergenceError",
     "spectral_norm_bound",
 ]
+
+from .diffusion import ActivationDiffusion, attention_map_from_blocks, localization_map, minmax_normalize
+
+__all__ += ["ActivationDiffusion", "attention_map_from_blocks", "localization_map", "minmax_normalize"]

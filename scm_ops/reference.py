@@ -51,3 +51,42 @@ def newton_schulz_inverse_ref(L, iterations: int, alpha: float, detach_init: boo
     for _ in range(iterations):
         x = x @ (2 * eye - L @ x)
     return x
+
+
+def _div(num, den, strict):
+    """num / den; unless strict, 0 where den == 0 (the 0/0 limits SCM meets)."""
+    if strict:
+        return num / den
+    ok = den != 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def activation_diffusion_ref(attention, semantic, lams, betas, iterations=(16, 4, 4, 4),
+                             alpha: float = 0.002, connectivity: int = 4, detach_init: bool = True,
+                             strict_published: bool = False):
+    """The published SCM stack of SPEC section 3, dense, with autograd through every loop.
+
+    attention [B, N] or [B, H, W], semantic [B, C, H, W]; lams, betas: one per block
+    (a sequence of scalars or a [blocks] tensor). detach_init=True is the published gradient.
+    strict_published=True divides 0 by 0 as the published code does (NaN); otherwise those
+    places get the limit 0. Returns (attention, semantic) after the stack, same shapes.
+    """
+    B, C, H, W = semantic.shape
+    n = H * W
+    g = grid_laplacian_ref(H, W, connectivity, semantic.dtype, semantic.device)
+    f = attention.reshape(B, n)
+    s = semantic
+    for lam, beta, p in zip(lams, betas, iterations):
+        v = s.reshape(B, C, n).transpose(1, 2)                    # [B, N, C]
+        norm = v.norm(dim=-1, keepdim=True)
+        vn = _div(v, norm, strict_published)
+        e = vn @ vn.transpose(1, 2)
+        L = g * (lam * e - 1)
+        m = newton_schulz_inverse_ref(L, p, alpha, detach_init).transpose(1, 2)
+        u = (m @ f[..., None])[..., 0]
+        t = torch.nn.functional.tanhshrink(_div(u, beta * f.amax(1, keepdim=True), strict_published))
+        t = t - t.amin(1, keepdim=True)
+        tau = _div(t, t.amax(1, keepdim=True), strict_published)
+        f = f + tau
+        s = s * (1 + tau.reshape(B, 1, H, W))
+    return f.reshape(attention.shape), s

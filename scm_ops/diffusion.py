@@ -1,0 +1,239 @@
+"""ActivationDiffusion: the SCM stack of activation diffusion blocks as a drop-in module."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._common import check_float_tensor, check_same, checks_enabled
+from .cosine import cosine_similarity
+from .laplacian import spatial_semantic_laplacian
+from .newton_schulz import NewtonSchulzDivergenceError, newton_schulz_inverse
+from .stencil import (OFFSETS, NeighbourCosine, SpectralFilter, StencilSeries, grid_masks,
+                      stencil_to_dense)
+
+__all__ = ["ActivationDiffusion", "attention_map_from_blocks", "localization_map", "minmax_normalize"]
+
+# Blocks with 2^p <= this many matrix-free steps take StencilSeries, the others the
+# spectral form (see the README for the timings behind the choice).
+MATRIX_FREE_MAX_STEPS = 64
+
+
+def _safe_div(num, den):
+    """num / den with 0 where den == 0: the limit at the published code's 0/0."""
+    ok = den != 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def minmax_normalize(x: torch.Tensor, dims) -> torch.Tensor:
+    """(x - min) / max(x - min) over `dims`; a constant map gives 0 (not NaN)."""
+    x = x - x.amin(dims, keepdim=True)
+    return _safe_div(x, x.amax(dims, keepdim=True))
+
+
+class ActivationDiffusion(nn.Module):
+    """The Spatial Calibration Module's stack of activation diffusion blocks (SPEC section 3).
+
+    Each block computes the cosine similarity E of the C-vectors of S, the masked Laplacian
+    L = (D - A) * (lam E - 1) of the grid, M = X_p^T from p Newton-Schulz iterations
+    (X_0 = alpha L^T), and updates F <- F + tau, S <- S * (1 + tau) with
+    tau = minmax(tanhshrink(M F / (beta * max F))).
+
+    Args:
+        grid_size: (H, W) patch grid (an int for a square grid), N = H * W.
+        iterations: Newton-Schulz iterations p of each block; the length sets the number of
+            blocks. Default (16, 4, 4, 4), the published configuration.
+        alpha: X_0 = alpha L^T (published 0.002).
+        lam, beta: initial value of each block's learnable lam and beta (published 1.0, 0.5);
+            a number for all blocks or a sequence with one per block.
+        connectivity: 4 (published) or 8 grid neighbours.
+        exact_gradients: False (published): X_0 carries no gradient. True: the exact
+            gradient of the truncated iteration.
+        implementation: "structured" (default): the fast path of SPEC section 4 (neighbour
+            cosines only, matrix-free blocks for small p, the spectral form for large p),
+            plain PyTorch on every device. "dense": the published dense formulation, run
+            by scm_ops' three operators (Triton kernels on CUDA).
+
+    Shapes:
+        forward(attention, semantic): attention [B, N] or [B, H, W], semantic [B, C, H, W],
+        float32 or float64; returns (attention, semantic) after the stack, same shapes.
+
+    Where the published code divides 0 by 0 (a constant map in min-max, a zero semantic
+    vector in the cosine, an all-zero attention map) the result is the limit 0, not NaN.
+    A lam that makes a block's Newton-Schulz iteration diverge (alpha sigma_max(L)^2 >= 2)
+    raises NewtonSchulzDivergenceError at forward time (skipped with SCM_OPS_CHECKS=0).
+
+    Wiring it into a timm-style ViT (attention weights exposed per block)::
+
+        attn = [blk.attn.attn_weights for blk in vit.blocks]      # [B, heads, 1+N, 1+N] each
+        f0 = scm_ops.attention_map_from_blocks(attn, grid)         # [B, H, W]
+        tokens = vit.norm(x)[:, 1:]                                 # patch tokens [B, N, D]
+        s0 = head(tokens.transpose(1, 2).reshape(B, D, H, W))       # 3x3 conv to C classes
+        if training:
+            f, s = diffusion(f0, s0)
+            loss = F.cross_entropy(s.mean((2, 3)), labels)
+        else:
+            maps = scm_ops.localization_map(f0, s0, s0.mean((2, 3)).argmax(1))
+
+    Any model that returns patch tokens works the same way; F0 may come from any
+    non-negative [B, H, W] activation map.
+    """
+
+    def __init__(self, grid_size, iterations=(16, 4, 4, 4), alpha: float = 0.002, lam=1.0,
+                 beta=0.5, connectivity: int = 4, exact_gradients: bool = False,
+                 implementation: str = "structured"):
+        super().__init__()
+        if isinstance(grid_size, int):
+            grid_size = (grid_size, grid_size)
+        grid_size = tuple(grid_size)
+        if len(grid_size) != 2 or not all(isinstance(g, int) and g >= 1 for g in grid_size):
+            raise ValueError(f"grid_size must be an int or a pair of positive ints, got {grid_size!r}")
+        iterations = tuple(iterations)
+        if not iterations or not all(isinstance(p, int) and p >= 0 for p in iterations):
+            raise ValueError(f"iterations must be a non-empty sequence of ints >= 0, got {iterations!r}")
+        if connectivity not in OFFSETS:
+            raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+        if implementation not in ("structured", "dense"):
+            raise ValueError(f"implementation must be 'structured' or 'dense', got {implementation!r}")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        self.grid_size = grid_size
+        self.iterations = iterations
+        self.alpha = float(alpha)
+        self.connectivity = connectivity
+        self.exact_gradients = bool(exact_gradients)
+        self.implementation = implementation
+        self.lam = nn.Parameter(self._per_block("lam", lam))
+        self.beta = nn.Parameter(self._per_block("beta", beta))
+
+    def _per_block(self, name, value) -> torch.Tensor:
+        t = torch.as_tensor(value, dtype=torch.float32).flatten()
+        if t.numel() == 1:
+            t = t.repeat(len(self.iterations))
+        if t.numel() != len(self.iterations):
+            raise ValueError(f"{name} must be a number or have one value per block "
+                             f"({len(self.iterations)}), got {t.numel()}")
+        return t.clone()
+
+    def extra_repr(self) -> str:
+        return (f"grid_size={self.grid_size}, iterations={self.iterations}, alpha={self.alpha}, "
+                f"connectivity={self.connectivity}, exact_gradients={self.exact_gradients}, "
+                f"implementation={self.implementation!r}")
+
+    def _check_inputs(self, attention, semantic):
+        H, W = self.grid_size
+        check_float_tensor("semantic", semantic, 4, "[B, C, H, W]")
+        check_float_tensor("attention", attention, (2, 3), "[B, N] or [B, H, W]")
+        check_same("attention", attention, "semantic", semantic)
+        B, C = semantic.shape[:2]
+        if tuple(semantic.shape[2:]) != (H, W):
+            raise ValueError(f"semantic must have shape [B, C, {H}, {W}] for grid_size {self.grid_size}, "
+                             f"got {tuple(semantic.shape)}")
+        if C == 0:
+            raise ValueError("semantic must have C >= 1 channels, got C = 0")
+        if attention.shape[0] != B:
+            raise ValueError(f"attention has batch size {attention.shape[0]} but semantic has {B}")
+        if tuple(attention.shape[1:]) not in ((H * W,), (H, W)):
+            raise ValueError(f"attention must have shape [B, {H * W}] or [B, {H}, {W}] for grid_size "
+                             f"{self.grid_size}, got {tuple(attention.shape)}")
+        if checks_enabled():
+            for name, t in (("attention", attention), ("semantic", semantic)):
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{name} contains NaN or infinite values")
+            if not bool(torch.isfinite(self.lam).all() & torch.isfinite(self.beta).all()):
+                raise ValueError("lam or beta of ActivationDiffusion is not finite")
+
+    def forward(self, attention: torch.Tensor, semantic: torch.Tensor):
+        self._check_inputs(attention, semantic)
+        B, C, H, W = semantic.shape
+        f = attention.reshape(B, H, W)
+        s = semantic
+        lam = self.lam.to(s.dtype)
+        beta = self.beta.to(s.dtype)
+        for block, p in enumerate(self.iterations):
+            diffuse = self._diffuse_structured if self.implementation == "structured" else self._diffuse_dense
+            u = diffuse(f, s, lam[block], p, block)
+            t = nn.functional.tanhshrink(_safe_div(u, beta[block] * f.amax((1, 2), keepdim=True)))
+            tau = minmax_normalize(t, (1, 2))
+            f = f + tau
+            s = s * (1 + tau[:, None])
+        return f.reshape(attention.shape), s
+
+    # -- the two implementations of u = M F -------------------------------------------
+    def _diffuse_structured(self, f, s, lam, p, block):
+        H, W = self.grid_size
+        offsets = OFFSETS[self.connectivity]
+        valid, degree = grid_masks(H, W, self.connectivity, s.dtype, s.device)
+        e, e_self = NeighbourCosine.apply(s, offsets)
+        w = valid * (1 - lam * e)                        # L[n, n + o_k]
+        d = degree * (lam * e_self - 1)                  # L[n, n]
+        if 2 ** p <= MATRIX_FREE_MAX_STEPS:
+            if checks_enabled():
+                self._check_convergence_stencil(w, d, offsets, block, lam)
+            return StencilSeries.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
+        u, eigenvalues = SpectralFilter.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
+        if checks_enabled():
+            self._raise_if_divergent(eigenvalues.abs().amax(1), block, lam)
+        return u
+
+    def _diffuse_dense(self, f, s, lam, p, block):
+        B, C, H, W = s.shape
+        e = cosine_similarity(s.reshape(B, C, H * W).transpose(1, 2))
+        L = spatial_semantic_laplacian(e, (H, W), lam, self.connectivity)
+        try:
+            x = newton_schulz_inverse(L, p, self.alpha, detach_init=not self.exact_gradients)
+        except NewtonSchulzDivergenceError as err:
+            raise NewtonSchulzDivergenceError(f"block {block} (lam={float(lam):.4g}): {err}") from None
+        return (x.transpose(1, 2) @ f.reshape(B, H * W, 1)).reshape(B, H, W)
+
+    # -- divergence detection ----------------------------------------------------------
+    def _check_convergence_stencil(self, w, d, offsets, block, lam):
+        from .stencil import shift
+        row = d.abs()
+        for k, (dr, dc) in enumerate(offsets):
+            row = row + w[:, k].abs() + shift(w[:, k].abs(), -dr, -dc)
+        bound = row.detach().amax((1, 2))
+        suspects = (self.alpha * bound * bound >= 2).nonzero().flatten()
+        if suspects.numel():
+            dense = stencil_to_dense(w[suspects].detach(), d[suspects].detach(), offsets).double()
+            sigma = torch.zeros_like(bound, dtype=torch.float64)
+            sigma[suspects] = torch.linalg.eigvalsh(dense).abs().amax(1)
+            self._raise_if_divergent(sigma, block, lam)
+
+    def _raise_if_divergent(self, sigma, block, lam):
+        bad = self.alpha * sigma.detach() ** 2 >= 2
+        if bool(bad.any()):
+            item = int(bad.nonzero()[0, 0])
+            s = float(sigma[item])
+            raise NewtonSchulzDivergenceError(
+                f"ActivationDiffusion block {block}: lam={float(lam):.4g} makes Newton-Schulz diverge "
+                f"(alpha * sigma_max(L)^2 = {self.alpha * s * s:.4g} >= 2 for batch item {item}); "
+                f"keep lam where alpha * sigma_max(L)^2 < 2 (sigma_max(L) < {(2 / self.alpha) ** 0.5:.4g})")
+
+
+def attention_map_from_blocks(attentions, grid_size) -> torch.Tensor:
+    """F0 of SPEC section 2 from per-block attention weights.
+
+    Args:
+        attentions: a sequence of post-softmax attention tensors [B, heads, 1+N, 1+N] (class
+            token first), or one stacked tensor [blocks, B, heads, 1+N, 1+N].
+        grid_size: (H, W) with H * W = N.
+    Returns:
+        [B, H, W]: heads averaged, blocks summed, class-token row, patch columns, min-max
+        normalised per image (a constant map gives 0).
+    """
+    H, W = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+    a = torch.stack(list(attentions)) if not isinstance(attentions, torch.Tensor) else attentions
+    if a.dim() != 5 or a.shape[-1] != a.shape[-2] or a.shape[-1] != H * W + 1:
+        raise ValueError(f"attentions must be [blocks, B, heads, 1+N, 1+N] with N = {H * W}, "
+                         f"got {tuple(a.shape)}")
+    f0 = a.mean(2).sum(0)[:, 0, 1:]
+    return minmax_normalize(f0.reshape(-1, H, W), (1, 2))
+
+
+def localization_map(attention: torch.Tensor, semantic: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Inference map F0 * S0[c] (SPEC section 2): attention [B, H, W], semantic
+    [B, C, H, W], classes [B] (long) or [B, k] -> [B, H, W] or [B, k, H, W]."""
+    if classes.dim() == 1:
+        return attention * semantic[torch.arange(semantic.shape[0], device=semantic.device), classes]
+    picked = torch.gather(semantic, 1, classes[:, :, None, None].expand(-1, -1, *semantic.shape[2:]))
+    return attention[:, None] * picked
