@@ -8,7 +8,7 @@ from ._common import check_float_tensor, check_same, checks_enabled
 from .cosine import cosine_similarity
 from .laplacian import spatial_semantic_laplacian
 from .newton_schulz import NewtonSchulzDivergenceError, newton_schulz_inverse
-from .stencil import (OFFSETS, NeighbourCosine, SpectralFilter, StencilSeries, grid_masks,
+from .stencil import (OFFSETS, NeighbourCosine, SpectralFilter, Stencil, StencilSeries, grid_masks,
                       stencil_to_dense)
 
 __all__ = ["ActivationDiffusion", "attention_map_from_blocks", "localization_map", "minmax_normalize"]
@@ -187,11 +187,7 @@ class ActivationDiffusion(nn.Module):
 
     # -- divergence detection ----------------------------------------------------------
     def _check_convergence_stencil(self, w, d, offsets, block, lam):
-        from .stencil import shift
-        row = d.abs()
-        for k, (dr, dc) in enumerate(offsets):
-            row = row + w[:, k].abs() + shift(w[:, k].abs(), -dr, -dc)
-        bound = row.detach().amax((1, 2))
+        bound = Stencil(w.detach(), d.detach(), offsets).abs_row_sums().amax((1, 2))
         suspects = (self.alpha * bound * bound >= 2).nonzero().flatten()
         if suspects.numel():
             dense = stencil_to_dense(w[suspects].detach(), d[suspects].detach(), offsets).double()

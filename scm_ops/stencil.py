@@ -50,13 +50,38 @@ def grid_masks(height, width, connectivity, dtype, device):
     return _grid_masks(height, width, connectivity, dtype, torch.device(device))
 
 
-def stencil_apply(x: torch.Tensor, w: torch.Tensor, d: torch.Tensor, offsets) -> torch.Tensor:
-    """L x for x [..., B, H, W], weights w [B, K, H, W], diagonal d [B, H, W]."""
-    y = d * x
-    for k, (dr, dc) in enumerate(offsets):
-        wk = w[:, k]
-        y = y + wk * shift(x, dr, dc) + shift(wk * x, -dr, -dc)
-    return y
+def _region(height: int, width: int, dr: int, dc: int):
+    """Slices (rows, cols) of the cells n whose neighbour n + (dr, dc) is on the grid, and of
+    those neighbours."""
+    r0, r1 = max(0, -dr), min(height, height - dr)
+    c0, c1 = max(0, -dc), min(width, width - dc)
+    return (slice(r0, r1), slice(c0, c1)), (slice(r0 + dr, r1 + dr), slice(c0 + dc, c1 + dc))
+
+
+class Stencil:
+    """A symmetric stencil operator L on an H x W grid, for repeated products L x.
+
+    Built from w [B, K, H, W] (w_k[n] = L[n, n + o_k]) and d [B, H, W]; stores the weights
+    of all 1 + 2K taps (self, +o_k, -o_k) so that one product is a pad, a gather of views
+    and one weighted sum.
+    """
+
+    def __init__(self, w: torch.Tensor, d: torch.Tensor, offsets):
+        self.offsets = tuple(offsets)
+        self.taps = ((0, 0),) + self.offsets + tuple((-dr, -dc) for dr, dc in self.offsets)
+        back = [shift(w[:, k], -dr, -dc) for k, (dr, dc) in enumerate(self.offsets)]
+        self.weights = torch.cat([d[:, None], w] + [b[:, None] for b in back], 1)  # [B, T, H, W]
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        """L x for x [..., B, H, W]."""
+        H, W = x.shape[-2:]
+        xp = torch.nn.functional.pad(x, (1, 1, 1, 1))
+        taps = torch.stack([xp[..., 1 + dr:1 + dr + H, 1 + dc:1 + dc + W] for dr, dc in self.taps], -3)
+        return (self.weights * taps).sum(-3)
+
+    def abs_row_sums(self) -> torch.Tensor:
+        """sum_j |L[n, j]| per cell, [B, H, W] (Gershgorin radii plus |diagonal|)."""
+        return self.weights.abs().sum(1)
 
 
 def stencil_pair_sum(p: torch.Tensor, q: torch.Tensor, dr: int, dc: int) -> torch.Tensor:
@@ -81,19 +106,19 @@ def stencil_to_dense(w: torch.Tensor, d: torch.Tensor, offsets) -> torch.Tensor:
     return dense
 
 
-def dense_stencil_entries(g: torch.Tensor, height: int, width: int, offsets):
-    """From a dense [B, N, N] G: (G[n, n + o_k] + G[n + o_k, n] as [B, K, H, W], diag [B, H, W])."""
-    B = g.shape[0]
-    n = height * width
-    idx = torch.arange(n, device=g.device).reshape(height, width)
-    pairs = torch.zeros(B, len(offsets), height, width, dtype=g.dtype, device=g.device)
+def factored_stencil_entries(q: torch.Tensor, z: torch.Tensor, height: int, width: int, offsets):
+    """Stencil entries of G = Q Z without forming G (Q, Z [B, N, N]): returns
+    (G[n, n + o_k] + G[n + o_k, n] as [B, K, H, W], G[n, n] as [B, H, W])."""
+    B = q.shape[0]
+    zt = z.transpose(1, 2)                                   # zt[m, i] = Z[i, m]
+    idx = torch.arange(height * width, device=q.device).reshape(height, width)
+    pairs = q.new_zeros(B, len(offsets), height, width)
     for k, (dr, dc) in enumerate(offsets):
-        r0, r1 = max(0, -dr), min(height, height - dr)
-        c0, c1 = max(0, -dc), min(width, width - dc)
-        rows = idx[r0:r1, c0:c1].reshape(-1)
-        cols = idx[r0 + dr:r1 + dr, c0 + dc:c1 + dc].reshape(-1)
-        pairs[:, k, r0:r1, c0:c1] = (g[:, rows, cols] + g[:, cols, rows]).reshape(B, r1 - r0, c1 - c0)
-    return pairs, g.diagonal(dim1=1, dim2=2).reshape(B, height, width)
+        here, there = _region(height, width, dr, dc)
+        rows, cols = idx[here].reshape(-1), idx[there].reshape(-1)
+        both = (q[:, rows] * zt[:, cols]).sum(-1) + (q[:, cols] * zt[:, rows]).sum(-1)
+        pairs[:, k, here[0], here[1]] = both.reshape(B, here[0].stop - here[0].start, -1)
+    return pairs, (q * zt).sum(-1).reshape(B, height, width)
 
 
 # ---------------------------------------------------------------- neighbour cosines
@@ -103,31 +128,43 @@ class NeighbourCosine(torch.autograd.Function):
     e[:, k, r, c] is the cosine of the C-vectors at (r, c) and (r, c) + o_k (0 off the grid);
     e_self is the cosine of each vector with itself: 1, or 0 for a zero vector (the limit
     the published 0/0 misses). e_self is constant and carries no gradient. Saves S (which
-    the residual update keeps anyway) and the inverse norms [B, H, W].
+    the residual update keeps anyway) and the inverse norms [B, H, W]. With
+    e = r_n r_m <s_n, s_m>, the gradient is
+        dS_n = sum_pairs g r_n r_m s_m - r_n^2 s_n sum_pairs g e.
     """
 
     @staticmethod
     def forward(ctx, s, offsets):
+        H, W = s.shape[-2:]
         sq = (s * s).sum(1)
         rnorm = torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
-        sn = s * rnorm[:, None]
-        e = torch.stack([(sn * shift(sn, dr, dc)).sum(1) for dr, dc in offsets], 1)
+        e = s.new_zeros(s.shape[0], len(offsets), H, W)
+        for k, (dr, dc) in enumerate(offsets):
+            here, there = _region(H, W, dr, dc)
+            e[:, k, here[0], here[1]] = ((s[..., here[0], here[1]] * s[..., there[0], there[1]]).sum(1)
+                                         * rnorm[:, here[0], here[1]] * rnorm[:, there[0], there[1]])
         e_self = (sq > 0).to(s.dtype)
         ctx.mark_non_differentiable(e_self)
-        ctx.save_for_backward(s, rnorm)
+        ctx.save_for_backward(s, rnorm, e)
         ctx.offsets = offsets
         return e, e_self
 
     @staticmethod
     def backward(ctx, grad_e, _grad_self):
-        s, rnorm = ctx.saved_tensors
-        sn = s * rnorm[:, None]
-        grad_sn = torch.zeros_like(sn)
+        s, rnorm, e = ctx.saved_tensors
+        H, W = s.shape[-2:]
+        grad_s = torch.zeros_like(s)
+        radial = torch.zeros_like(rnorm)
         for k, (dr, dc) in enumerate(ctx.offsets):
-            gk = grad_e[:, k, None]
-            grad_sn += gk * shift(sn, dr, dc) + shift(gk * sn, -dr, -dc)
-        radial = (sn * grad_sn).sum(1, keepdim=True)
-        return rnorm[:, None] * (grad_sn - sn * radial), None
+            here, there = _region(H, W, dr, dc)
+            coef = (grad_e[:, k, here[0], here[1]] * rnorm[:, here[0], here[1]]
+                    * rnorm[:, there[0], there[1]])[:, None]
+            grad_s[..., here[0], here[1]].addcmul_(coef, s[..., there[0], there[1]])
+            grad_s[..., there[0], there[1]].addcmul_(coef, s[..., here[0], here[1]])
+            ge = grad_e[:, k] * e[:, k]
+            radial += ge + shift(ge, -dr, -dc)
+        grad_s.addcmul_(s, (radial * rnorm * rnorm)[:, None], value=-1)
+        return grad_s, None
 
 
 # ---------------------------------------------------------------- matrix-free series
@@ -146,14 +183,14 @@ class StencilSeries(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f, w, d, alpha, iterations, offsets, exact):
-        steps = 2 ** iterations
+        L = Stencil(w, d, offsets)
         x = torch.zeros_like(f)
         xs, rs = [], []
-        for _ in range(steps):
-            r = f - stencil_apply(x, w, d, offsets)
+        for _ in range(2 ** iterations):
+            r = f - L @ x
             xs.append(x)
             rs.append(r)
-            x = x + alpha * stencil_apply(r, w, d, offsets)
+            x = x + alpha * (L @ r)
         ctx.save_for_backward(w, d, torch.stack(xs), torch.stack(rs))
         ctx.args = (alpha, offsets, exact)
         return x
@@ -162,13 +199,14 @@ class StencilSeries(torch.autograd.Function):
     def backward(ctx, grad_u):
         w, d, xs, rs = ctx.saved_tensors
         alpha, offsets, exact = ctx.args
+        L = Stencil(w, d, offsets)
         a = grad_u
         a_next, bs = [], []
         for _ in range(xs.shape[0]):
-            b = alpha * stencil_apply(a, w, d, offsets)
+            b = alpha * (L @ a)
             a_next.append(a)
             bs.append(b)
-            a = a - stencil_apply(b, w, d, offsets)
+            a = a - L @ b
         a_next = torch.stack(a_next[::-1])
         bs = torch.stack(bs[::-1])
         grad_f = bs.sum(0)
@@ -235,6 +273,5 @@ class SpectralFilter(torch.autograd.Function):
         grad_f = (q @ (spectral_filter(t, alpha, iterations) * phi)[..., None]).reshape(B, H, W)
         k = spectral_derivative(t, alpha, iterations, exact)
         k.mul_(phi[:, :, None] * psi[:, None, :])
-        grad_dense = q @ k @ q.transpose(1, 2)
-        grad_w, grad_d = dense_stencil_entries(grad_dense, H, W, offsets)
+        grad_w, grad_d = factored_stencil_entries(q, k @ q.transpose(1, 2), H, W, offsets)
         return grad_f, grad_w, grad_d, None, None, None, None
