@@ -182,7 +182,7 @@ class ActivationDiffusion(nn.Module):
         try:
             x = newton_schulz_inverse(L, p, self.alpha, detach_init=not self.exact_gradients)
         except NewtonSchulzDivergenceError as err:
-            raise NewtonSchulzDivergenceError(f"block {block} (lam={float(lam):.4g}): {err}") from None
+            raise NewtonSchulzDivergenceError(f"block {block} (lam={float(lam.detach()):.4g}): {err}") from None
         return (x.transpose(1, 2) @ f.reshape(B, H * W, 1)).reshape(B, H, W)
 
     # -- divergence detection ----------------------------------------------------------
@@ -201,7 +201,7 @@ class ActivationDiffusion(nn.Module):
             item = int(bad.nonzero()[0, 0])
             s = float(sigma[item])
             raise NewtonSchulzDivergenceError(
-                f"ActivationDiffusion block {block}: lam={float(lam):.4g} makes Newton-Schulz diverge "
+                f"ActivationDiffusion block {block}: lam={float(lam.detach()):.4g} makes Newton-Schulz diverge "
                 f"(alpha * sigma_max(L)^2 = {self.alpha * s * s:.4g} >= 2 for batch item {item}); "
                 f"keep lam where alpha * sigma_max(L)^2 < 2 (sigma_max(L) < {(2 / self.alpha) ** 0.5:.4g})")
 
