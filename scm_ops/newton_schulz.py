@@ -2,11 +2,13 @@
 
 Forward and backward are written once, over a batched product with a fused axpby epilogue
 (`out = s * A @ B + t * C`): Triton's `bmm_axpby_kernel` on the Triton backend, `baddbmm`
-on the PyTorch backend. The backward pass recomputes the iterates from L (so nothing but L
-is kept between forward and backward) and walks them in reverse:
+on the PyTorch backend. The forward pass keeps the iterates X_k and T_k = L X_k (2p
+matrices, as many as autograd through the loop would keep), and the backward pass walks
+them in reverse with four products a step:
 
-    X_{k+1} = 2 X_k - X_k L X_k  =>  dL   -= X_k^T G X_k^T
-                                     G_k   = 2 G - G X_k^T L^T - L^T X_k^T G
+    X_{k+1} = X_k (2I - T_k)     =>  H     = X_k^T G
+                                     dL   -= H X_k^T
+                                     G_k   = 2G - G T_k^T - L^T H
     X_0 = alpha L^T              =>  dL   += alpha G_0^T   (exact gradient only)
 
 With ``detach_init=True`` the last term is dropped: X_0 carries no gradient, which is the
@@ -55,38 +57,32 @@ def _bmm(backend):
     return _bmm_triton if backend == "triton" else _bmm_torch
 
 
-def _iterates(lc, iterations, alpha, bmm):
-    """[X_0, ..., X_iterations] for L in its compute dtype."""
-    xs = [alpha * lc.transpose(1, 2)]
-    for _ in range(iterations):
-        x = xs[-1]
-        lx = bmm(lc, x)
-        xs.append(bmm(x, lx, -1.0, x, 2.0))          # 2 X - X (L X)
-    return xs
-
-
 def newton_schulz_fwd(l, iterations, alpha, backend):
+    """(X_p, [X_0..X_{p-1}], [T_0..T_{p-1}]) in L's compute dtype; stacks are [p, B, N, N]."""
     lc = l.to(compute_dtype(l.dtype))
+    bmm = _bmm(backend)
     x = alpha * lc.transpose(1, 2)
-    bmm = _bmm(backend)
+    xs, ts = [], []
     for _ in range(iterations):
-        x = bmm(x, bmm(lc, x), -1.0, x, 2.0)
-    return x.to(l.dtype)
+        t = bmm(lc, x)
+        xs.append(x)
+        ts.append(t)
+        x = bmm(x, t, -1.0, x, 2.0)                  # 2 X - X (L X)
+    if not xs:
+        return x, lc.new_empty(0, *lc.shape), lc.new_empty(0, *lc.shape)
+    return x, torch.stack(xs), torch.stack(ts)
 
 
-def newton_schulz_bwd(grad_x, l, iterations, alpha, detach_init, backend):
-    lc = l.to(compute_dtype(l.dtype))
+def newton_schulz_bwd(grad_x, l, xs, ts, alpha, detach_init, backend):
+    lc = l.to(xs.dtype)
     bmm = _bmm(backend)
-    xs = _iterates(lc, iterations - 1, alpha, bmm) if iterations > 0 else []
-    g = grad_x.to(lc.dtype)
     lt = lc.transpose(1, 2)
+    g = grad_x.to(xs.dtype)
     grad_l = torch.zeros_like(lc)
-    for xk in reversed(xs):
-        xkt = xk.transpose(1, 2)
-        gxt = bmm(g, xkt)                            # G X^T
-        grad_l = bmm(xkt, gxt, -1.0, grad_l, 1.0)    # dL -= X^T G X^T
-        partial = bmm(gxt, lt, -1.0, g, 2.0)         # 2G - G X^T L^T
-        g = bmm(lt, bmm(xkt, g), -1.0, partial, 1.0)  # ... - L^T X^T G
+    for xk, tk in zip(reversed(xs), reversed(ts)):
+        h = bmm(xk.transpose(1, 2), g)                       # H = X^T G
+        grad_l = bmm(h, xk.transpose(1, 2), -1.0, grad_l, 1.0)  # dL -= H X^T
+        g = bmm(lt, h, -1.0, bmm(g, tk.transpose(1, 2), -1.0, g, 2.0), 1.0)  # 2G - G T^T - L^T H
     if not detach_init:
         grad_l = grad_l + alpha * g.transpose(1, 2)
     return grad_l.to(l.dtype)
@@ -124,38 +120,43 @@ def check_convergence(l: torch.Tensor, alpha: float) -> None:
 # ---------------------------------------------------------------- registered operators
 @torch.library.custom_op("scm_ops::newton_schulz_inverse", mutates_args=())
 def _newton_schulz_op(l: torch.Tensor, iterations: int, alpha: float, detach_init: bool,
-                      backend: str) -> torch.Tensor:
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns X_p in L's dtype and the saved iterates (X_k and L X_k stacks) for backward."""
     check_finite("L", l)
     if iterations > 0 and checks_enabled():
         check_convergence(l, alpha)
-    return newton_schulz_fwd(l, iterations, alpha, backend)
+    x, xs, ts = newton_schulz_fwd(l, iterations, alpha, backend)
+    return x.to(l.dtype), xs, ts
 
 
 @_newton_schulz_op.register_fake
 def _(l, iterations, alpha, detach_init, backend):
-    return torch.empty_like(l)
+    stack = l.new_empty(iterations, *l.shape, dtype=compute_dtype(l.dtype))
+    return torch.empty_like(l), stack, torch.empty_like(stack)
 
 
 @torch.library.custom_op("scm_ops::newton_schulz_inverse_backward", mutates_args=())
-def _newton_schulz_backward_op(grad_x: torch.Tensor, l: torch.Tensor, iterations: int,
+def _newton_schulz_backward_op(grad_x: torch.Tensor, l: torch.Tensor, xs: torch.Tensor, ts: torch.Tensor,
                                alpha: float, detach_init: bool, backend: str) -> torch.Tensor:
-    return newton_schulz_bwd(grad_x, l, iterations, alpha, detach_init, backend)
+    return newton_schulz_bwd(grad_x, l, xs, ts, alpha, detach_init, backend)
 
 
 @_newton_schulz_backward_op.register_fake
-def _(grad_x, l, iterations, alpha, detach_init, backend):
+def _(grad_x, l, xs, ts, alpha, detach_init, backend):
     return torch.empty_like(l)
 
 
 def _setup_context(ctx, inputs, output):
     l, iterations, alpha, detach_init, backend = inputs
-    ctx.save_for_backward(l)
-    ctx.args = (iterations, alpha, detach_init, backend)
+    _, xs, ts = output
+    ctx.mark_non_differentiable(xs, ts)
+    ctx.save_for_backward(l, xs, ts)
+    ctx.args = (alpha, detach_init, backend)
 
 
-def _backward(ctx, grad_x):
-    (l,) = ctx.saved_tensors
-    return _newton_schulz_backward_op(grad_x, l, *ctx.args), None, None, None, None
+def _backward(ctx, grad_x, _grad_xs, _grad_ts):
+    l, xs, ts = ctx.saved_tensors
+    return _newton_schulz_backward_op(grad_x, l, xs, ts, *ctx.args), None, None, None, None
 
 
 _newton_schulz_op.register_autograd(_backward, setup_context=_setup_context)
@@ -193,4 +194,4 @@ def newton_schulz_inverse(L: torch.Tensor, iterations: int, alpha: float,
     alpha = float(alpha)
     if not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a finite float > 0, got {alpha!r}")
-    return _newton_schulz_op(L, iterations, alpha, bool(detach_init), resolve_backend(backend, L))
+    return _newton_schulz_op(L, iterations, alpha, bool(detach_init), resolve_backend(backend, L))[0]

@@ -1,0 +1,42 @@
+"""pytest-benchmark suite: scm_ops against the published formulation, in the same run.
+
+    pytest benchmarks/ --benchmark-only                 # everything (~10 min on 2 CPU cores)
+    pytest benchmarks/ --benchmark-only -m quick        # the quick selection
+    pytest benchmarks/ --benchmark-only --benchmark-json=bench.json && python benchmarks/report.py bench.json
+
+Each case runs one forward (and backward) pass after a warm-up round, so first-call
+compilation is not timed; CUDA work is synchronised inside the timed call. Peak memory of
+the same call goes to extra_info["peak_bytes"] (see cases.peak_memory_bytes).
+"""
+import pytest
+
+from cases import SHAPES, candidates, make_case, modes, peak_memory_bytes
+
+
+def _params():
+    for group, shapes in SHAPES.items():
+        for shape in shapes:
+            quick = shape.get("quick", False)
+            dims = {k: v for k, v in shape.items() if k != "quick"}
+            tag = "-".join(f"{k}{v}" for k, v in dims.items())
+            for candidate in candidates(group):
+                for mode in modes(group, candidate):
+                    # torch.compile costs minutes of compilation on a CPU: one shape per group
+                    if candidate == "published_compiled" and shape is not shapes[0]:
+                        continue
+                    marks = [pytest.mark.quick] if quick and candidate in ("published", "scm_torch",
+                                                                          "scm_structured") else []
+                    yield pytest.param(group, candidate, mode, dims, id=f"{group}-{tag}-{mode}-{candidate}",
+                                       marks=marks)
+
+
+ROUNDS = {"cosine": 5, "laplacian": 5, "newton_schulz": 3, "diffusion": 3}
+
+
+@pytest.mark.parametrize("group, candidate, mode, shape", list(_params()))
+def test_benchmark(benchmark, group, candidate, mode, shape):
+    run = make_case(group, candidate, mode, shape)
+    benchmark.group = f"{group} {mode} " + " ".join(f"{k}={v}" for k, v in shape.items())
+    benchmark.extra_info.update(group=group, candidate=candidate, mode=mode, **shape)
+    benchmark.pedantic(run, rounds=ROUNDS[group], warmup_rounds=1, iterations=1)
+    benchmark.extra_info["peak_bytes"] = peak_memory_bytes(group, candidate, mode, shape)
