@@ -1,9 +1,8 @@
 """Benchmark cases: every candidate of every group, as a callable on prepared inputs.
 
-Used by test_benchmarks.py for timing, and run as a script (one fresh process per case)
-for the CPU peak-memory measurement:
-
-    python benchmarks/cases.py GROUP CANDIDATE MODE SHAPE_JSON   ->  prints peak bytes
+Used by test_benchmarks.py for timing, and run as a worker process for the CPU
+peak-memory measurement (``python benchmarks/cases.py --serve``: one JSON request
+[group, candidate, mode, shape] per input line, one peak in bytes per output line).
 
 Groups and their shapes are defined here once; candidates that do not apply to a device
 (Triton needs CUDA, SciPy runs on the CPU) are left out, never skipped at run time.
@@ -34,7 +33,7 @@ SHAPES = {
     "newton_schulz": ([dict(B=256, N=196), dict(B=128, N=256), dict(B=16, N=576), dict(B=8, N=784)] if ON_CUDA
                       else [dict(B=64, N=196, quick=True), dict(B=16, N=256), dict(B=4, N=576), dict(B=2, N=784)]),
     "diffusion": [dict(B=64, C=200, H=14, W=14, quick=True), dict(B=64, C=1000, H=14, W=14),
-                  dict(B=64 if ON_CUDA else 8, C=200, H=28, W=28)],
+                  dict(B=64 if ON_CUDA else 4, C=200, H=28, W=28)],
 }
 
 
@@ -166,8 +165,31 @@ def cpu_peak_bytes(run) -> int:
     return _rss_bytes("VmHWM") - base
 
 
+class _MemoryWorker:
+    """One long-lived process, started with a fixed glibc mmap threshold, that measures
+    cases one after another (importing torch once)."""
+
+    def __init__(self):
+        import subprocess
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def measure(self, group, candidate, mode, shape) -> int:
+        self.proc.stdin.write(json.dumps([group, candidate, mode, shape]) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("memory worker died; see its stderr above")
+        return int(line)
+
+
+_worker = None
+
+
 def peak_memory_bytes(group, candidate, mode, shape) -> int:
-    """Peak memory of one call: CUDA max allocated in-process; on the CPU, in a fresh process."""
+    """Peak memory of one call: CUDA max allocated in-process; on the CPU, in the worker."""
+    global _worker
     if ON_CUDA:
         run = make_case(group, candidate, mode, shape)
         run()
@@ -175,15 +197,17 @@ def peak_memory_bytes(group, candidate, mode, shape) -> int:
         base = torch.cuda.memory_allocated()
         run()
         return torch.cuda.max_memory_allocated() - base
-    import subprocess
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    proc = subprocess.run([sys.executable, __file__, group, candidate, mode, json.dumps(shape)],
-                          env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr[-2000:])
-    return int(proc.stdout.strip().splitlines()[-1])
+    if _worker is None:
+        _worker = _MemoryWorker()
+    return _worker.measure(group, candidate, mode, shape)
+
+
+def _serve():
+    for line in sys.stdin:
+        group, candidate, mode, shape = json.loads(line)
+        print(cpu_peak_bytes(make_case(group, candidate, mode, shape)), flush=True)
+        torch._dynamo.reset()
 
 
 if __name__ == "__main__":
-    _group, _candidate, _mode, _shape = sys.argv[1:5]
-    print(cpu_peak_bytes(make_case(_group, _candidate, _mode, json.loads(_shape))))
+    _serve()

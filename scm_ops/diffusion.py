@@ -145,45 +145,60 @@ class ActivationDiffusion(nn.Module):
     def forward(self, attention: torch.Tensor, semantic: torch.Tensor):
         self._check_inputs(attention, semantic)
         B, C, H, W = semantic.shape
-        f = attention.reshape(B, H, W)
-        s = semantic
-        lam = self.lam.to(s.dtype)
-        beta = self.beta.to(s.dtype)
-        for block, p in enumerate(self.iterations):
-            diffuse = self._diffuse_structured if self.implementation == "structured" else self._diffuse_dense
-            u = diffuse(f, s, lam[block], p, block)
-            t = nn.functional.tanhshrink(_safe_div(u, beta[block] * f.amax((1, 2), keepdim=True)))
-            tau = minmax_normalize(t, (1, 2))
-            f = f + tau
-            s = s * (1 + tau[:, None])
+        lam = self.lam.to(semantic.dtype)
+        beta = self.beta.to(semantic.dtype)
+        forward = self._forward_structured if self.implementation == "structured" else self._forward_dense
+        f, s = forward(attention.reshape(B, H, W), semantic, lam, beta)
         return f.reshape(attention.shape), s
 
-    # -- the two implementations of u = M F -------------------------------------------
-    def _diffuse_structured(self, f, s, lam, p, block):
+    def _update(self, f, u, beta):
+        """tau = minmax(tanhshrink(u / (beta max F))) per image, [B, H, W]."""
+        t = nn.functional.tanhshrink(_safe_div(u, beta * f.amax((1, 2), keepdim=True)))
+        return minmax_normalize(t, (1, 2))
+
+    def _forward_structured(self, f, s, lam, beta):
+        """SPEC section 4. The residual update S <- S (1 + tau) scales each patch vector by a
+        positive number (tau is in [0, 1]), and cosines do not see positive scales: every
+        block's E equals the first block's, in value and, the cosine being homogeneous of
+        degree 0, in gradient. So the neighbour cosines are computed once, and S is scaled
+        once at the end by the product of the (1 + tau)."""
         H, W = self.grid_size
         offsets = OFFSETS[self.connectivity]
         valid, degree = grid_masks(H, W, self.connectivity, s.dtype, s.device)
         e, e_self = NeighbourCosine.apply(s, offsets)
-        w = valid * (1 - lam * e)                        # L[n, n + o_k]
-        d = degree * (lam * e_self - 1)                  # L[n, n]
-        if 2 ** p <= MATRIX_FREE_MAX_STEPS:
-            if checks_enabled():
-                self._check_convergence_stencil(w, d, offsets, block, lam)
-            return StencilSeries.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
-        u, eigenvalues = SpectralFilter.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
-        if checks_enabled():
-            self._raise_if_divergent(eigenvalues.abs().amax(1), block, lam)
-        return u
+        scale = torch.ones_like(f)
+        for block, p in enumerate(self.iterations):
+            w = valid * (1 - lam[block] * e)                    # L[n, n + o_k]
+            d = degree * (lam[block] * e_self - 1)              # L[n, n]
+            if 2 ** p <= MATRIX_FREE_MAX_STEPS:
+                if checks_enabled():
+                    self._check_convergence_stencil(w, d, offsets, block, lam[block])
+                u = StencilSeries.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
+            else:
+                u, eigenvalues = SpectralFilter.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
+                if checks_enabled():
+                    self._raise_if_divergent(eigenvalues.abs().amax(1), block, lam[block])
+            tau = self._update(f, u, beta[block])
+            f = f + tau
+            scale = scale * (1 + tau)
+        return f, s * scale[:, None]
 
-    def _diffuse_dense(self, f, s, lam, p, block):
+    def _forward_dense(self, f, s, lam, beta):
+        """The published formulation, block by block, on scm_ops' three operators."""
         B, C, H, W = s.shape
-        e = cosine_similarity(s.reshape(B, C, H * W).transpose(1, 2))
-        L = spatial_semantic_laplacian(e, (H, W), lam, self.connectivity)
-        try:
-            x = newton_schulz_inverse(L, p, self.alpha, detach_init=not self.exact_gradients)
-        except NewtonSchulzDivergenceError as err:
-            raise NewtonSchulzDivergenceError(f"block {block} (lam={float(lam.detach()):.4g}): {err}") from None
-        return (x.transpose(1, 2) @ f.reshape(B, H * W, 1)).reshape(B, H, W)
+        for block, p in enumerate(self.iterations):
+            e = cosine_similarity(s.reshape(B, C, H * W).transpose(1, 2))
+            L = spatial_semantic_laplacian(e, (H, W), lam[block], self.connectivity)
+            try:
+                x = newton_schulz_inverse(L, p, self.alpha, detach_init=not self.exact_gradients)
+            except NewtonSchulzDivergenceError as err:
+                raise NewtonSchulzDivergenceError(
+                    f"block {block} (lam={float(lam[block].detach()):.4g}): {err}") from None
+            u = (x.transpose(1, 2) @ f.reshape(B, H * W, 1)).reshape(B, H, W)
+            tau = self._update(f, u, beta[block])
+            f = f + tau
+            s = s * (1 + tau[:, None])
+        return f, s
 
     # -- divergence detection ----------------------------------------------------------
     def _check_convergence_stencil(self, w, d, offsets, block, lam):

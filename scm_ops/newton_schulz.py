@@ -30,20 +30,23 @@ class NewtonSchulzDivergenceError(ValueError):
     """alpha * sigma_max(L)^2 >= 2: the Newton-Schulz iteration does not converge."""
 
 
-def _bmm_torch(a, b, scale=1.0, c=None, c_scale=0.0):
+def _bmm_torch(a, b, scale=1.0, c=None, c_scale=0.0, out=None):
     if c is None:
-        return torch.bmm(a, b) if scale == 1.0 else scale * torch.bmm(a, b)
-    return torch.baddbmm(c, a, b, beta=c_scale, alpha=scale)
+        out = torch.bmm(a, b, out=out)
+        return out if scale == 1.0 else out.mul_(scale)
+    return torch.baddbmm(c, a, b, beta=c_scale, alpha=scale, out=out)
 
 
-def _bmm_triton(a, b, scale=1.0, c=None, c_scale=0.0):
+def _bmm_triton(a, b, scale=1.0, c=None, c_scale=0.0, out=None):
     # scale and c_scale are passed to the kernel as float32 scalars: callers only use
-    # values exact in float32 (+-1, 2), so float64 products stay float64-exact.
+    # values exact in float32 (+-1, 2), so float64 products stay float64-exact. `out` may
+    # be `c` itself: every program reads its tile of c before writing the same tile.
     kern = kernel_module("newton_schulz")
     cfg, launch = kernel_config(kern, a.dtype)
     batch, m, k = a.shape
     n = b.shape[2]
-    out = torch.empty(batch, m, n, device=a.device, dtype=a.dtype)
+    if out is None:
+        out = torch.empty(batch, m, n, device=a.device, dtype=a.dtype)
     cc = out if c is None else c
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), batch)
     kern.bmm_axpby_kernel[grid](a, b, cc, out, m, n, k, scale, c_scale,
@@ -58,19 +61,18 @@ def _bmm(backend):
 
 
 def newton_schulz_fwd(l, iterations, alpha, backend):
-    """(X_p, [X_0..X_{p-1}], [T_0..T_{p-1}]) in L's compute dtype; stacks are [p, B, N, N]."""
+    """(X_p, X stack [p, B, N, N] of X_0..X_{p-1}, T stack of T_k = L X_k) in L's compute
+    dtype; the products write straight into the stacks."""
     lc = l.to(compute_dtype(l.dtype))
     bmm = _bmm(backend)
+    xs = lc.new_empty(iterations, *lc.shape)
+    ts = lc.new_empty(iterations, *lc.shape)
     x = alpha * lc.transpose(1, 2)
-    xs, ts = [], []
-    for _ in range(iterations):
-        t = bmm(lc, x)
-        xs.append(x)
-        ts.append(t)
-        x = bmm(x, t, -1.0, x, 2.0)                  # 2 X - X (L X)
-    if not xs:
-        return x, lc.new_empty(0, *lc.shape), lc.new_empty(0, *lc.shape)
-    return x, torch.stack(xs), torch.stack(ts)
+    for k in range(iterations):
+        xs[k] = x
+        bmm(lc, xs[k], out=ts[k])
+        x = bmm(xs[k], ts[k], -1.0, xs[k], 2.0)          # 2 X - X (L X)
+    return x, xs, ts
 
 
 def newton_schulz_bwd(grad_x, l, xs, ts, alpha, detach_init, backend):
@@ -79,10 +81,11 @@ def newton_schulz_bwd(grad_x, l, xs, ts, alpha, detach_init, backend):
     lt = lc.transpose(1, 2)
     g = grad_x.to(xs.dtype)
     grad_l = torch.zeros_like(lc)
-    for xk, tk in zip(reversed(xs), reversed(ts)):
-        h = bmm(xk.transpose(1, 2), g)                       # H = X^T G
-        grad_l = bmm(h, xk.transpose(1, 2), -1.0, grad_l, 1.0)  # dL -= H X^T
-        g = bmm(lt, h, -1.0, bmm(g, tk.transpose(1, 2), -1.0, g, 2.0), 1.0)  # 2G - G T^T - L^T H
+    for k in range(xs.shape[0] - 1, -1, -1):
+        xkt = xs[k].transpose(1, 2)
+        h = bmm(xkt, g)                                      # H = X^T G
+        bmm(h, xkt, -1.0, grad_l, 1.0, out=grad_l)           # dL -= H X^T
+        g = bmm(lt, h, -1.0, bmm(g, ts[k].transpose(1, 2), -1.0, g, 2.0), 1.0)  # 2G - G T^T - L^T H
     if not detach_init:
         grad_l = grad_l + alpha * g.transpose(1, 2)
     return grad_l.to(l.dtype)
