@@ -8,8 +8,8 @@ from ._common import check_float_tensor, check_same, checks_enabled
 from .cosine import cosine_similarity
 from .laplacian import spatial_semantic_laplacian
 from .newton_schulz import NewtonSchulzDivergenceError, newton_schulz_inverse
-from .stencil import (OFFSETS, NeighbourCosine, SpectralFilter, Stencil, StencilSeries, grid_masks,
-                      stencil_to_dense)
+from .stencil import (OFFSETS, NeighbourCosine, ScalePatches, SpectralFilter, Stencil, StencilSeries,
+                      grid_masks, stencil_to_dense)
 
 __all__ = ["ActivationDiffusion", "attention_map_from_blocks", "localization_map", "minmax_normalize"]
 
@@ -181,7 +181,7 @@ class ActivationDiffusion(nn.Module):
             tau = self._update(f, u, beta[block])
             f = f + tau
             scale = scale * (1 + tau)
-        return f, s * scale[:, None]
+        return f, ScalePatches.apply(s, scale)
 
     def _forward_dense(self, f, s, lam, beta):
         """The published formulation, block by block, on scm_ops' three operators."""

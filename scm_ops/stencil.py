@@ -61,27 +61,34 @@ def _region(height: int, width: int, dr: int, dc: int):
 class Stencil:
     """A symmetric stencil operator L on an H x W grid, for repeated products L x.
 
-    Built from w [B, K, H, W] (w_k[n] = L[n, n + o_k]) and d [B, H, W]; stores the weights
-    of all 1 + 2K taps (self, +o_k, -o_k) so that one product is a pad, a gather of views
-    and one weighted sum.
+    Built from w [B, K, H, W] (w_k[n] = L[n, n + o_k]) and d [B, H, W]. A product is the
+    diagonal term plus, per offset, two in-place multiply-adds on the sub-grids of cells
+    whose neighbour exists (slices, no padding or stacking: the cheapest form on a CPU).
     """
 
     def __init__(self, w: torch.Tensor, d: torch.Tensor, offsets):
-        self.offsets = tuple(offsets)
-        self.taps = ((0, 0),) + self.offsets + tuple((-dr, -dc) for dr, dc in self.offsets)
-        back = [shift(w[:, k], -dr, -dc) for k, (dr, dc) in enumerate(self.offsets)]
-        self.weights = torch.cat([d[:, None], w] + [b[:, None] for b in back], 1)  # [B, T, H, W]
+        H, W = d.shape[-2:]
+        self.d = d
+        self.terms = []
+        for k, (dr, dc) in enumerate(offsets):
+            here, there = _region(H, W, dr, dc)
+            self.terms.append((here, there, w[:, k, here[0], here[1]].contiguous()))
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
-        """L x for x [..., B, H, W]."""
-        H, W = x.shape[-2:]
-        xp = torch.nn.functional.pad(x, (1, 1, 1, 1))
-        taps = torch.stack([xp[..., 1 + dr:1 + dr + H, 1 + dc:1 + dc + W] for dr, dc in self.taps], -3)
-        return (self.weights * taps).sum(-3)
+        """L x for x [B, H, W]."""
+        y = self.d * x
+        for here, there, wk in self.terms:
+            y[:, here[0], here[1]].addcmul_(wk, x[:, there[0], there[1]])
+            y[:, there[0], there[1]].addcmul_(wk, x[:, here[0], here[1]])
+        return y
 
     def abs_row_sums(self) -> torch.Tensor:
         """sum_j |L[n, j]| per cell, [B, H, W] (Gershgorin radii plus |diagonal|)."""
-        return self.weights.abs().sum(1)
+        y = self.d.abs()
+        for here, there, wk in self.terms:
+            y[:, here[0], here[1]] += wk.abs()
+            y[:, there[0], there[1]] += wk.abs()
+        return y
 
 
 def stencil_pair_sum(p: torch.Tensor, q: torch.Tensor, dr: int, dc: int) -> torch.Tensor:
@@ -106,22 +113,49 @@ def stencil_to_dense(w: torch.Tensor, d: torch.Tensor, offsets) -> torch.Tensor:
     return dense
 
 
-def factored_stencil_entries(q: torch.Tensor, z: torch.Tensor, height: int, width: int, offsets):
-    """Stencil entries of G = Q Z without forming G (Q, Z [B, N, N]): returns
-    (G[n, n + o_k] + G[n + o_k, n] as [B, K, H, W], G[n, n] as [B, H, W])."""
-    B = q.shape[0]
-    zt = z.transpose(1, 2)                                   # zt[m, i] = Z[i, m]
-    idx = torch.arange(height * width, device=q.device).reshape(height, width)
-    pairs = q.new_zeros(B, len(offsets), height, width)
+def dense_stencil_entries(g: torch.Tensor, height: int, width: int, offsets):
+    """From a dense [B, N, N] G: (G[n, n + o_k] + G[n + o_k, n] as [B, K, H, W], diag [B, H, W])."""
+    B = g.shape[0]
+    idx = torch.arange(height * width, device=g.device).reshape(height, width)
+    pairs = g.new_zeros(B, len(offsets), height, width)
     for k, (dr, dc) in enumerate(offsets):
         here, there = _region(height, width, dr, dc)
         rows, cols = idx[here].reshape(-1), idx[there].reshape(-1)
-        both = (q[:, rows] * zt[:, cols]).sum(-1) + (q[:, cols] * zt[:, rows]).sum(-1)
-        pairs[:, k, here[0], here[1]] = both.reshape(B, here[0].stop - here[0].start, -1)
-    return pairs, (q * zt).sum(-1).reshape(B, height, width)
+        pairs[:, k, here[0], here[1]] = (g[:, rows, cols] + g[:, cols, rows]).reshape(
+            B, *idx[here].shape)
+    return pairs, g.diagonal(dim1=1, dim2=2).reshape(B, height, width)
 
 
 # ---------------------------------------------------------------- neighbour cosines
+CHANNEL_CHUNK = 32
+
+
+def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_c a[:, c] * b[:, c] for [B, C, h, w] tensors, in chunks of channels so that no
+    [B, C, h, w] temporary is formed."""
+    out = (a[:, :CHANNEL_CHUNK] * b[:, :CHANNEL_CHUNK]).sum(1)
+    for c0 in range(CHANNEL_CHUNK, a.shape[1], CHANNEL_CHUNK):
+        out += (a[:, c0:c0 + CHANNEL_CHUNK] * b[:, c0:c0 + CHANNEL_CHUNK]).sum(1)
+    return out
+
+
+class ScalePatches(torch.autograd.Function):
+    """S [B, C, H, W] * scale [B, H, W] (broadcast over C), whose backward reduces over C
+    in chunks instead of forming grad * S."""
+
+    @staticmethod
+    def forward(ctx, s, scale):
+        ctx.save_for_backward(s, scale)
+        return s * scale[:, None]
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, scale = ctx.saved_tensors
+        grad_s = grad * scale[:, None] if ctx.needs_input_grad[0] else None
+        grad_scale = channel_dot(grad, s) if ctx.needs_input_grad[1] else None
+        return grad_s, grad_scale
+
+
 class NeighbourCosine(torch.autograd.Function):
     """S [B, C, H, W] -> (e [B, K, H, W], e_self [B, H, W]).
 
@@ -136,12 +170,12 @@ class NeighbourCosine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, offsets):
         H, W = s.shape[-2:]
-        sq = (s * s).sum(1)
+        sq = channel_dot(s, s)
         rnorm = torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
         e = s.new_zeros(s.shape[0], len(offsets), H, W)
         for k, (dr, dc) in enumerate(offsets):
             here, there = _region(H, W, dr, dc)
-            e[:, k, here[0], here[1]] = ((s[..., here[0], here[1]] * s[..., there[0], there[1]]).sum(1)
+            e[:, k, here[0], here[1]] = (channel_dot(s[..., here[0], here[1]], s[..., there[0], there[1]])
                                          * rnorm[:, here[0], here[1]] * rnorm[:, there[0], there[1]])
         e_self = (sq > 0).to(s.dtype)
         ctx.mark_non_differentiable(e_self)
@@ -273,5 +307,6 @@ class SpectralFilter(torch.autograd.Function):
         grad_f = (q @ (spectral_filter(t, alpha, iterations) * phi)[..., None]).reshape(B, H, W)
         k = spectral_derivative(t, alpha, iterations, exact)
         k.mul_(phi[:, :, None] * psi[:, None, :])
-        grad_w, grad_d = factored_stencil_entries(q, k @ q.transpose(1, 2), H, W, offsets)
+        grad_dense = torch.bmm(q, k @ q.transpose(1, 2), out=k)   # Q K Q^T, in K's buffer
+        grad_w, grad_d = dense_stencil_entries(grad_dense, H, W, offsets)
         return grad_f, grad_w, grad_d, None, None, None, None
