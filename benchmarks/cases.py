@@ -124,13 +124,15 @@ def make_case(group: str, candidate: str, mode: str, shape: dict):
     leaves = [t.to(DEVICE).requires_grad_(mode == "forward_backward" and t.is_floating_point())
               for t in _inputs(group, shape, DEVICE)]
 
-    def run():
+    def run(after_forward=None):
         if mode == "forward":
             with torch.no_grad():
                 out = fn(*leaves)
         else:
             out = fn(*leaves)
             outs = out if isinstance(out, tuple) else (out,)
+            if after_forward is not None:
+                after_forward(outs)
             torch.autograd.backward([o.sum() for o in outs])
             for t in leaves:
                 t.grad = None
@@ -149,8 +151,14 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(field)
 
 
-def cpu_peak_bytes(run) -> int:
-    """Peak resident memory above the starting point during one call of `run`, on Linux.
+def _nbytes(outs) -> int:
+    return sum(o.numel() * o.element_size() for o in outs)
+
+
+def cpu_peak_bytes(run) -> tuple[int, int]:
+    """(peak, saved): resident memory above the starting point at the peak of one call of
+    `run`, and, between forward and backward, what the forward pass keeps beyond its
+    outputs (the activations saved for backward). Linux only.
 
     The process must run with a fixed glibc mmap threshold (MALLOC_MMAP_THRESHOLD_), so
     that every large tensor is mapped and unmapped on its own: then the resident-set high
@@ -161,8 +169,9 @@ def cpu_peak_bytes(run) -> int:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _rss_bytes("VmRSS")
-    run()
-    return _rss_bytes("VmHWM") - base
+    saved = []
+    run(lambda outs: saved.append(_rss_bytes("VmRSS") - base - _nbytes(outs)))
+    return _rss_bytes("VmHWM") - base, (saved[0] if saved else 0)
 
 
 class _MemoryWorker:
@@ -175,28 +184,30 @@ class _MemoryWorker:
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def measure(self, group, candidate, mode, shape) -> int:
+    def measure(self, group, candidate, mode, shape) -> tuple[int, int]:
         self.proc.stdin.write(json.dumps([group, candidate, mode, shape]) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("memory worker died; see its stderr above")
-        return int(line)
+        return tuple(json.loads(line))
 
 
 _worker = None
 
 
-def peak_memory_bytes(group, candidate, mode, shape) -> int:
-    """Peak memory of one call: CUDA max allocated in-process; on the CPU, in the worker."""
+def memory_bytes(group, candidate, mode, shape) -> tuple[int, int]:
+    """(peak, saved-for-backward) bytes of one call (see cpu_peak_bytes): on CUDA from the
+    caching allocator's counters in-process; on the CPU in the worker process."""
     global _worker
     if ON_CUDA:
         run = make_case(group, candidate, mode, shape)
         run()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        run()
-        return torch.cuda.max_memory_allocated() - base
+        saved = []
+        run(lambda outs: saved.append(torch.cuda.memory_allocated() - base - _nbytes(outs)))
+        return torch.cuda.max_memory_allocated() - base, (saved[0] if saved else 0)
     if _worker is None:
         _worker = _MemoryWorker()
     return _worker.measure(group, candidate, mode, shape)
@@ -205,7 +216,7 @@ def peak_memory_bytes(group, candidate, mode, shape) -> int:
 def _serve():
     for line in sys.stdin:
         group, candidate, mode, shape = json.loads(line)
-        print(cpu_peak_bytes(make_case(group, candidate, mode, shape)), flush=True)
+        print(json.dumps(cpu_peak_bytes(make_case(group, candidate, mode, shape))), flush=True)
         torch._dynamo.reset()
 
 

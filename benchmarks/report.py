@@ -20,10 +20,12 @@ def load_rows(path):
     rows = []
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        shape = {k: v for k, v in info.items() if k not in ("group", "candidate", "mode", "peak_bytes")}
+        shape = {k: v for k, v in info.items()
+                 if k not in ("group", "candidate", "mode", "peak_bytes", "saved_bytes")}
         rows.append(dict(group=info["group"], mode=info["mode"], candidate=info["candidate"],
                          shape=" ".join(f"{k}={v}" for k, v in shape.items()),
-                         median_s=bench["stats"]["median"], peak=info.get("peak_bytes")))
+                         median_s=bench["stats"]["median"], peak=info.get("peak_bytes"),
+                         saved=info.get("saved_bytes")))
     return data, rows
 
 
@@ -32,8 +34,9 @@ def with_ratios(rows):
     for r in rows:
         p = published.get((r["group"], r["mode"], r["shape"]))
         r["speedup"] = p["median_s"] / r["median_s"] if p else None
-        r["memory_ratio"] = (p["peak"] / r["peak"] if p and p["peak"] and r["peak"] and r["peak"] > 0
-                             else None)
+        for key in ("peak", "saved"):
+            ok = p and p.get(key) and r.get(key) and r[key] > 0
+            r[key + "_ratio"] = p[key] / r[key] if ok else None
     return rows
 
 
@@ -43,16 +46,23 @@ def markdown(data, rows) -> str:
     cpu = machine.get("cpu", {}).get("brand_raw", platform.processor())
     lines = [f"Measured {when[:10]} on {machine.get('node', '?')} ({cpu}); "
              f"median of the timed rounds; peak memory as described in the README.", "",
-             "| group | shape | mode | candidate | median ms | speed-up | peak MB | memory ratio |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+             "| group | shape | mode | candidate | median ms | speed-up | peak MB | peak ratio "
+             "| saved MB | saved ratio |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     order = ["cosine", "laplacian", "newton_schulz", "diffusion"]
     for r in sorted(rows, key=lambda r: (order.index(r["group"]) if r["group"] in order else 9,
                                          r["shape"], r["mode"], r["candidate"] != "published", r["median_s"])):
+        def ratio(v):
+            return f"{v:.1f}x" if v else "-"
+
+        def mb(v):
+            return f"{v / 2**20:.1f}" if v is not None else "-"
+
         su = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-        mr = f"{r['memory_ratio']:.1f}x" if r["memory_ratio"] else "-"
-        pk = f"{r['peak'] / 2**20:.1f}" if r["peak"] is not None else "-"
+        saved = (mb(r["saved"]), ratio(r["saved_ratio"])) if r["mode"] == "forward_backward" else ("-", "-")
         lines.append(f"| {r['group']} | {r['shape']} | {r['mode']} | {r['candidate']} | "
-                     f"{r['median_s'] * 1e3:.1f} | {su} | {pk} | {mr} |")
+                     f"{r['median_s'] * 1e3:.1f} | {su} | {mb(r['peak'])} | {ratio(r['peak_ratio'])} | "
+                     f"{saved[0]} | {saved[1]} |")
     return "\n".join(lines) + "\n"
 
 

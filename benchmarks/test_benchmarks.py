@@ -5,12 +5,14 @@
     pytest benchmarks/ --benchmark-only --benchmark-json=bench.json && python benchmarks/report.py bench.json
 
 Each case runs one forward (and backward) pass after a warm-up round, so first-call
-compilation is not timed; CUDA work is synchronised inside the timed call. Peak memory of
-the same call goes to extra_info["peak_bytes"] (see cases.peak_memory_bytes).
+compilation is not timed; CUDA work is synchronised inside the timed call. Memory of the
+same call goes to extra_info: "peak_bytes" (everything alive at the peak above the inputs:
+outputs, gradients, temporaries and what backward keeps) and "saved_bytes" (what the
+forward pass keeps for backward beyond its outputs); see cases.memory_bytes.
 """
 import pytest
 
-from cases import ON_CUDA, SHAPES, candidates, make_case, modes, peak_memory_bytes
+from cases import ON_CUDA, SHAPES, candidates, make_case, memory_bytes, modes
 
 
 def _params():
@@ -41,4 +43,5 @@ def test_benchmark(benchmark, group, candidate, mode, shape):
     benchmark.group = f"{group} {mode} " + " ".join(f"{k}={v}" for k, v in shape.items())
     benchmark.extra_info.update(group=group, candidate=candidate, mode=mode, **shape)
     benchmark.pedantic(run, rounds=ROUNDS[group], warmup_rounds=1, iterations=1)
-    benchmark.extra_info["peak_bytes"] = peak_memory_bytes(group, candidate, mode, shape)
+    peak, saved = memory_bytes(group, candidate, mode, shape)
+    benchmark.extra_info.update(peak_bytes=peak, saved_bytes=saved)

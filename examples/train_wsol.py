@@ -35,6 +35,7 @@ MODES = {  # images, epochs; sized for a 2-core CPU
     "full": dict(train=6000, test=1000, epochs=24),
 }
 IMAGE, PATCH = 64, 8
+LR = float(os.environ.get("WSOL_LR", "2e-3"))
 GRID = (IMAGE // PATCH, IMAGE // PATCH)
 
 
@@ -124,12 +125,12 @@ def train(model, images, labels, epochs, seed, desc):
     g = torch.Generator().manual_seed(seed)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.05)
     batch = 64 // world
     steps_per_epoch = len(images) // (batch * world)
     total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=total, pct_start=0.1)
-    bar = tqdm(total=total, desc=desc, disable=not is_main(), mininterval=2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=total, pct_start=0.1)
+    bar = tqdm(total=total, desc=desc, disable=None if is_main() else True, mininterval=2)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=g)  # same on every rank: then sharded
