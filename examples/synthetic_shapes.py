@@ -1,7 +1,6 @@
 """A synthetic, deterministic localisation benchmark: shapes on clutter.
 
-Each image holds one object whose class is its shape (disk, ring, square, frame, triangle,
-cross), drawn at a random position, size and aspect in a random colour, over a textured
+Each image holds one object whose class is its shape (disk, square, triangle, cross), drawn at a random position, size and aspect in a random colour, over a textured
 background (stripes and smooth noise) with distractors (line segments and small blobs).
 The object's exact mask and inclusive box come with it; objects cover 4-17% of the image,
 so a whole-image box never reaches IoU 0.5. Everything derives from a seed: train and test
@@ -11,21 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-CLASSES = ("disk", "ring", "square", "frame", "triangle", "cross")
+CLASSES = ("disk", "square", "triangle", "cross")
 
 
 def _shape_mask(kind: str, yy, xx, cy, cx, ry, rx):
     dy, dx = (yy - cy) / ry, (xx - cx) / rx
     if kind == "disk":
         return dy ** 2 + dx ** 2 <= 1
-    if kind == "ring":
-        d = dy ** 2 + dx ** 2
-        return (d <= 1) & (d >= 0.45)
     if kind == "square":
         return (np.abs(dy) <= 1) & (np.abs(dx) <= 1)
-    if kind == "frame":
-        outer = (np.abs(dy) <= 1) & (np.abs(dx) <= 1)
-        return outer & ~((np.abs(dy) <= 0.55) & (np.abs(dx) <= 0.55))
     if kind == "triangle":
         return (dy <= 1) & (dy >= -1) & (np.abs(dx) <= (dy + 1) / 2)
     if kind == "cross":

@@ -32,7 +32,7 @@ from synthetic_shapes import CLASSES, make_split  # noqa: E402
 
 MODES = {  # images, epochs; sized for a 2-core CPU
     "quick": dict(train=1200, test=300, epochs=4),
-    "full": dict(train=6000, test=1000, epochs=24),
+    "full": dict(train=6000, test=1000, epochs=30),
 }
 IMAGE, PATCH = 64, 8
 LR = float(os.environ.get("WSOL_LR", "2e-3"))
@@ -143,6 +143,7 @@ def train(model, images, labels, epochs, seed, desc):
             loss = F.cross_entropy(logits, torch.from_numpy(labels[idx.numpy()]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # SCM's (1 + tau) products scale S up to 16x
             opt.step()
             sched.step()
             bar.update()
