@@ -73,7 +73,16 @@ def cdiv(a: int, b: int) -> int:
 
 def kernel_module(name: str):
     """Import scm_ops.kernels.<name> (lazily, so TRITON_INTERPRET is read at first use)."""
-    return importlib.import_module(f"scm_ops.kernels.{name}")
+    try:
+        return importlib.import_module(f"scm_ops.kernels.{name}")
+    except ModuleNotFoundError as err:
+        if err.name not in ("scm_ops.kernels", f"scm_ops.kernels.{name}"):
+            raise
+        import scm_ops
+        raise ImportError(
+            f"scm_ops.kernels is missing: scm_ops was imported from {scm_ops.__path__[0]}, a source "
+            "tree whose kernels live in the top-level kernels/ folder. Install the package "
+            "(pip install .) and import it from outside the checkout.") from err
 
 
 def kernel_config(module, dtype: torch.dtype) -> tuple[dict, dict]:

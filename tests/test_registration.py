@@ -45,7 +45,8 @@ def test_torch_compile_fullgraph_chain():
 def test_every_kernel_configuration_compiles_for_sm80_and_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "aot.json"
-    proc = subprocess.run([sys.executable, "-m", "scm_ops.aot", "--json", str(out)], env=env,
+    # cwd away from the source tree, so that the installed package (with its kernels) is used
+    proc = subprocess.run([sys.executable, "-m", "scm_ops.aot", "--json", str(out)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import json
