@@ -53,7 +53,7 @@ def markdown(data, rows) -> str:
     for r in sorted(rows, key=lambda r: (order.index(r["group"]) if r["group"] in order else 9,
                                          r["shape"], r["mode"], r["candidate"] != "published", r["median_s"])):
         def ratio(v):
-            return f"{v:.1f}x" if v else "-"
+            return "-" if not v else (f"{v:.1f}x" if v < 100 else "> 100x")
 
         def mb(v):
             return f"{v / 2**20:.1f}" if v is not None else "-"
