@@ -73,9 +73,10 @@ def plot(rows, path):
     cases = defaultdict(dict)
     for r in rows:
         if r["speedup"]:
-            cases[f"{r['group']}\n{r['shape']}\n{r['mode']}"][r["candidate"]] = r["speedup"]
+            label = "\n".join([r["group"], *r["shape"].split(), r["mode"]])
+            cases[label][r["candidate"]] = r["speedup"]
     names = sorted({c for v in cases.values() for c in v})
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(cases)), 5))
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(cases)), 6))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         xs = [j + i * width for j in range(len(cases))]
