@@ -37,6 +37,16 @@ def _grid_stencil(offs_i, offs_j, H, W, EIGHT_NEIGHBOURS: tl.constexpr):
 
 
 @triton.jit
+def _tile(N, H, W, EIGHT_NEIGHBOURS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's tile: (batch index, row and column indices, in-bounds mask, D - A)."""
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = (offs_i[:, None] < N) & (offs_j[None, :] < N)
+    return pid_b, offs_i, offs_j, inside, _grid_stencil(offs_i, offs_j, H, W, EIGHT_NEIGHBOURS)
+
+
+@triton.jit
 def laplacian_fwd_kernel(
     e_ptr, lam_ptr, l_ptr, N, H, W,
     stride_eb, stride_ei, stride_ej,
@@ -45,13 +55,8 @@ def laplacian_fwd_kernel(
     """L[b] = G * (lam[b] * E[b] - 1), G = D - A. Grid (cdiv(N, BLOCK), cdiv(N, BLOCK), B);
     L is contiguous [B, N, N]."""
     acc_t = tl.float64 if IS_FP64 else tl.float32
-    pid_i = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    offs_i = pid_i * BLOCK + tl.arange(0, BLOCK)
-    offs_j = pid_j * BLOCK + tl.arange(0, BLOCK)
-    inside = (offs_i[:, None] < N) & (offs_j[None, :] < N)
-    g = _grid_stencil(offs_i, offs_j, H, W, EIGHT_NEIGHBOURS).to(acc_t)
+    pid_b, offs_i, offs_j, inside, g = _tile(N, H, W, EIGHT_NEIGHBOURS, BLOCK)
+    g = g.to(acc_t)
     e = tl.load(e_ptr + pid_b * stride_eb + offs_i[:, None] * stride_ei + offs_j[None, :] * stride_ej,
                 mask=inside & (g != 0), other=0.0).to(acc_t)
     lam = tl.load(lam_ptr + pid_b).to(acc_t)
@@ -71,13 +76,8 @@ def laplacian_bwd_kernel(
     G * E * grad_L go to grad_lam_partial[b, tile] (float32/float64), summed by the host
     in a fixed order so the result is deterministic."""
     acc_t = tl.float64 if IS_FP64 else tl.float32
-    pid_i = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    offs_i = pid_i * BLOCK + tl.arange(0, BLOCK)
-    offs_j = pid_j * BLOCK + tl.arange(0, BLOCK)
-    inside = (offs_i[:, None] < N) & (offs_j[None, :] < N)
-    g = _grid_stencil(offs_i, offs_j, H, W, EIGHT_NEIGHBOURS).to(acc_t)
+    pid_b, offs_i, offs_j, inside, g = _tile(N, H, W, EIGHT_NEIGHBOURS, BLOCK)
+    g = g.to(acc_t)
     on_stencil = inside & (g != 0)
     dl = tl.load(grad_l_ptr + pid_b * stride_gb + offs_i[:, None] * stride_gi + offs_j[None, :] * stride_gj,
                  mask=on_stencil, other=0.0).to(acc_t)
@@ -88,4 +88,5 @@ def laplacian_bwd_kernel(
              (g * lam * dl).to(grad_e_ptr.dtype.element_ty), mask=inside)
     n_tiles = tl.num_programs(0) * tl.num_programs(1)
     partial = tl.sum(tl.sum(g * e * dl, axis=1), axis=0)
-    tl.store(grad_lam_partial_ptr + pid_b * n_tiles + pid_i * tl.num_programs(1) + pid_j, partial)
+    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(grad_lam_partial_ptr + pid_b * n_tiles + tile, partial)
