@@ -96,18 +96,20 @@ def stencil_pair_sum(p: torch.Tensor, q: torch.Tensor, dr: int, dc: int) -> torc
     return (p * shift(q, dr, dc) + shift(p, dr, dc) * q).sum(0)
 
 
+def _neighbour_pairs(height: int, width: int, offsets, device):
+    """Per offset k: (k, region of cells n with a neighbour n + o_k, flat indices of n, of n + o_k)."""
+    idx = torch.arange(height * width, device=device).reshape(height, width)
+    for k, (dr, dc) in enumerate(offsets):
+        here, there = _region(height, width, dr, dc)
+        yield k, here, idx[here].reshape(-1), idx[there].reshape(-1)
+
+
 def stencil_to_dense(w: torch.Tensor, d: torch.Tensor, offsets) -> torch.Tensor:
     """The dense symmetric [B, N, N] matrix of a stencil."""
     B, _, H, W = w.shape
-    n = H * W
-    dense = torch.diag_embed(d.reshape(B, n))
-    idx = torch.arange(n, device=w.device).reshape(H, W)
-    for k, (dr, dc) in enumerate(offsets):
-        r0, r1 = max(0, -dr), min(H, H - dr)
-        c0, c1 = max(0, -dc), min(W, W - dc)
-        rows = idx[r0:r1, c0:c1].reshape(-1)
-        cols = idx[r0 + dr:r1 + dr, c0 + dc:c1 + dc].reshape(-1)
-        vals = w[:, k, r0:r1, c0:c1].reshape(B, -1)
+    dense = torch.diag_embed(d.reshape(B, H * W))
+    for k, here, rows, cols in _neighbour_pairs(H, W, offsets, w.device):
+        vals = w[:, k, here[0], here[1]].reshape(B, -1)
         dense[:, rows, cols] = vals
         dense[:, cols, rows] = vals
     return dense
@@ -116,13 +118,10 @@ def stencil_to_dense(w: torch.Tensor, d: torch.Tensor, offsets) -> torch.Tensor:
 def dense_stencil_entries(g: torch.Tensor, height: int, width: int, offsets):
     """From a dense [B, N, N] G: (G[n, n + o_k] + G[n + o_k, n] as [B, K, H, W], diag [B, H, W])."""
     B = g.shape[0]
-    idx = torch.arange(height * width, device=g.device).reshape(height, width)
     pairs = g.new_zeros(B, len(offsets), height, width)
-    for k, (dr, dc) in enumerate(offsets):
-        here, there = _region(height, width, dr, dc)
-        rows, cols = idx[here].reshape(-1), idx[there].reshape(-1)
-        pairs[:, k, here[0], here[1]] = (g[:, rows, cols] + g[:, cols, rows]).reshape(
-            B, *idx[here].shape)
+    for k, here, rows, cols in _neighbour_pairs(height, width, offsets, g.device):
+        region = pairs[:, k, here[0], here[1]]
+        region.copy_((g[:, rows, cols] + g[:, cols, rows]).reshape(region.shape))
     return pairs, g.diagonal(dim1=1, dim2=2).reshape(B, height, width)
 
 
