@@ -124,6 +124,9 @@ class ActivationDiffusion(nn.Module):
         check_float_tensor("semantic", semantic, 4, "[B, C, H, W]")
         check_float_tensor("attention", attention, (2, 3), "[B, N] or [B, H, W]")
         check_same("attention", attention, "semantic", semantic)
+        if semantic.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"ActivationDiffusion computes in float32 or float64, got {semantic.dtype}: "
+                            "cast the inputs (or leave this module outside an autocast region)")
         B, C = semantic.shape[:2]
         if tuple(semantic.shape[2:]) != (H, W):
             raise ValueError(f"semantic must have shape [B, C, {H}, {W}] for grid_size {self.grid_size}, "
