@@ -54,7 +54,7 @@ def modes(group: str, candidate: str) -> list[str]:
     return ["forward", "forward_backward"] if group == "diffusion" else ["forward_backward"]
 
 
-def _inputs(group, shape, device):
+def _inputs(group, shape):
     g = torch.Generator().manual_seed(0)
     if group == "cosine":
         return (torch.randn(shape["B"], shape["N"], shape["D"], generator=g),)
@@ -122,7 +122,7 @@ def make_case(group: str, candidate: str, mode: str, shape: dict):
     """A no-argument callable running one forward (and backward) pass, synchronised."""
     fn = _function(group, candidate, shape)
     leaves = [t.to(DEVICE).requires_grad_(mode == "forward_backward" and t.is_floating_point())
-              for t in _inputs(group, shape, DEVICE)]
+              for t in _inputs(group, shape)]
 
     def run(after_forward=None):
         if mode == "forward":

@@ -25,14 +25,19 @@ import torch
 OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
 
 
+def _region(height: int, width: int, dr: int, dc: int):
+    """Slices (rows, cols) of the cells n whose neighbour n + (dr, dc) is on the grid, and of
+    those neighbours."""
+    r0, r1 = max(0, -dr), min(height, height - dr)
+    c0, c1 = max(0, -dc), min(width, width - dc)
+    return (slice(r0, r1), slice(c0, c1)), (slice(r0 + dr, r1 + dr), slice(c0 + dc, c1 + dc))
+
+
 def shift(x: torch.Tensor, dr: int, dc: int) -> torch.Tensor:
     """y[..., r, c] = x[..., r + dr, c + dc], zero where that leaves the grid."""
-    H, W = x.shape[-2:]
+    here, there = _region(*x.shape[-2:], dr, dc)
     y = torch.zeros_like(x)
-    r0, r1 = max(0, -dr), min(H, H - dr)
-    c0, c1 = max(0, -dc), min(W, W - dc)
-    if r1 > r0 and c1 > c0:
-        y[..., r0:r1, c0:c1] = x[..., r0 + dr:r1 + dr, c0 + dc:c1 + dc]
+    y[..., here[0], here[1]] = x[..., there[0], there[1]]
     return y
 
 
@@ -48,14 +53,6 @@ def _grid_masks(height: int, width: int, connectivity: int, dtype, device):
 
 def grid_masks(height, width, connectivity, dtype, device):
     return _grid_masks(height, width, connectivity, dtype, torch.device(device))
-
-
-def _region(height: int, width: int, dr: int, dc: int):
-    """Slices (rows, cols) of the cells n whose neighbour n + (dr, dc) is on the grid, and of
-    those neighbours."""
-    r0, r1 = max(0, -dr), min(height, height - dr)
-    c0, c1 = max(0, -dc), min(width, width - dc)
-    return (slice(r0, r1), slice(c0, c1)), (slice(r0 + dr, r1 + dr), slice(c0 + dc, c1 + dc))
 
 
 class Stencil:

@@ -48,9 +48,10 @@ def boxes_at_thresholds(scaled_map: np.ndarray, thresholds=THRESHOLDS) -> list[n
     gives the single box [0, 0, 0, 0], as the reference protocol does."""
     import cv2
     h, w = scaled_map.shape
+    top = scaled_map.max()
     out = []
     for tau in thresholds:
-        mask = (scaled_map >= tau * scaled_map.max()).astype(np.uint8) if scaled_map.max() > 0 \
+        mask = (scaled_map >= tau * top).astype(np.uint8) if top > 0 \
             else np.zeros_like(scaled_map, dtype=np.uint8)
         contours = cv2.findContours(mask, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
         boxes = []
