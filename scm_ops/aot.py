@@ -31,9 +31,21 @@ KERNELS = {
     "newton_schulz": {
         "bmm_axpby_kernel": ["*acc"] * 4 + ["i32"] * 3 + ["fp32"] * 2 + ["i32"] * 9,
     },
+    "stencil": {
+        "neighbour_cosine_fwd_kernel": ["*in"] * 3 + ["i32"] * 3,
+        "neighbour_cosine_bwd_kernel": ["*in"] * 4 + ["i32"] * 3,
+        "stencil_series_fwd_kernel": ["*in"] * 8 + ["i32"] * 4,
+        "stencil_series_bwd_kernel": ["*in"] * 10 + ["i32"] * 4,
+    },
 }
-# Constexpr flags that take both values at run time.
-FLAGS = {"EIGHT_NEIGHBOURS": (False, True), "HAS_C": (False, True)}
+# Input dtypes per module (default INPUT_DTYPES): Newton-Schulz runs its products in the
+# accumulation dtype; the structured path (ActivationDiffusion) takes float32 and float64.
+MODULE_DTYPES = {"newton_schulz": ("fp32", "fp64"), "stencil": ("fp32", "fp64")}
+# Constexprs that take several values at run time: flags, and sizes the launcher derives
+# from the input (BLOCK_N of the series: the next power of two >= H * W; 256 covers the
+# published 14 x 14 grid, 1024 grids up to 32 x 32).
+FLAGS = {"EIGHT_NEIGHBOURS": (False, True), "HAS_C": (False, True), "EXACT": (False, True)}
+LAUNCH_SIZES = {"stencil": {"BLOCK_N": (256, 1024)}}
 
 
 def _variants(module, kernel_fn, dtype: str):
@@ -46,9 +58,11 @@ def _variants(module, kernel_fn, dtype: str):
     names = list(kernel_fn.arg_names)
     constexpr_names = [kernel_fn.params[i].name for i in range(len(names)) if kernel_fn.params[i].is_constexpr]
     runtime = [n for n in names if n not in constexpr_names]
-    flags = [n for n in constexpr_names if n in FLAGS]
-    for values in itertools.product(*(FLAGS[f] for f in flags)):
-        constexprs = dict(cfg, IS_FP64=dtype == "fp64", **dict(zip(flags, values)))
+    choices = dict(FLAGS, **LAUNCH_SIZES.get(module.__name__.rsplit(".", 1)[-1], {}))
+    varying = [n for n in constexpr_names if n in choices]
+    fixed = {k: v for k, v in dict(cfg, IS_FP64=dtype == "fp64").items() if k in constexpr_names}
+    for values in itertools.product(*(choices[f] for f in varying)):
+        constexprs = dict(fixed, **dict(zip(varying, values)))
         missing = set(constexpr_names) - set(constexprs)
         if missing:
             raise RuntimeError(f"{kernel_fn.__name__}: no value for constexpr {sorted(missing)}")
@@ -67,7 +81,7 @@ def compile_all(capabilities=(80, 90)) -> list[dict]:
         module = importlib.import_module(f"scm_ops.kernels.{mod_name}")
         for kname, arg_types in kernels.items():
             fn = getattr(module, kname)
-            dtypes = ("fp32", "fp64") if mod_name == "newton_schulz" else INPUT_DTYPES
+            dtypes = MODULE_DTYPES.get(mod_name, INPUT_DTYPES)
             for dtype in dtypes:
                 acc = "fp64" if dtype == "fp64" else "fp32"
                 for runtime, cnames, constexprs, options in _variants(module, fn, dtype):
@@ -80,7 +94,7 @@ def compile_all(capabilities=(80, 90)) -> list[dict]:
                         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
                         compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
                         shared = int(compiled.metadata.shared)
-                        flags = {k: v for k, v in constexprs.items() if k in FLAGS}
+                        flags = {k: v for k, v in constexprs.items() if k in FLAGS or k == "IS_FP64"}
                         rows.append(dict(kernel=kname, dtype=dtype, sm=cap, shared_bytes=shared,
                                          limit_bytes=SHARED_MEMORY_LIMIT[cap],
                                          fits=shared <= SHARED_MEMORY_LIMIT[cap],

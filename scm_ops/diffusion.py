@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_float_tensor, check_same, checks_enabled
+from ._common import check_float_tensor, check_same, checks_enabled, resolve_backend
 from .cosine import cosine_similarity
 from .laplacian import spatial_semantic_laplacian
 from .newton_schulz import NewtonSchulzDivergenceError, newton_schulz_inverse
-from .stencil import (OFFSETS, NeighbourCosine, ScalePatches, SpectralFilter, Stencil, StencilSeries,
+from .stencil import (OFFSETS, GradSlot, NeighbourCosine, ScalePatches, SpectralFilter, Stencil, StencilSeries,
                       grid_masks, stencil_to_dense)
 
 __all__ = ["ActivationDiffusion", "attention_map_from_blocks", "localization_map", "minmax_normalize"]
@@ -49,9 +49,12 @@ class ActivationDiffusion(nn.Module):
         exact_gradients: False (published): X_0 carries no gradient. True: the exact
             gradient of the truncated iteration.
         implementation: "structured" (default): the fast path of SPEC section 4 (neighbour
-            cosines only, matrix-free blocks for small p, the spectral form for large p),
-            plain PyTorch on every device. "dense": the published dense formulation, run
-            by scm_ops' three operators (Triton kernels on CUDA).
+            cosines only, matrix-free blocks for small p, the spectral form for large p).
+            "dense": the published dense formulation, run by scm_ops' three operators.
+        backend: "triton", "torch" or None (SCM_OPS_BACKEND, else Triton kernels for CUDA
+            tensors and PyTorch for the others). In the structured implementation the
+            neighbour cosines and the matrix-free blocks have Triton kernels; the spectral
+            block (one batched eigh) is PyTorch on both backends.
 
     Shapes:
         forward(attention, semantic): attention [B, N] or [B, H, W], semantic [B, C, H, W],
@@ -80,7 +83,7 @@ class ActivationDiffusion(nn.Module):
 
     def __init__(self, grid_size, iterations=(16, 4, 4, 4), alpha: float = 0.002, lam=1.0,
                  beta=0.5, connectivity: int = 4, exact_gradients: bool = False,
-                 implementation: str = "structured"):
+                 implementation: str = "structured", backend: str | None = None):
         super().__init__()
         if isinstance(grid_size, int):
             grid_size = (grid_size, grid_size)
@@ -102,6 +105,9 @@ class ActivationDiffusion(nn.Module):
         self.connectivity = connectivity
         self.exact_gradients = bool(exact_gradients)
         self.implementation = implementation
+        if backend not in (None, "triton", "torch"):
+            raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+        self.backend = backend
         self.lam = nn.Parameter(self._per_block("lam", lam))
         self.beta = nn.Parameter(self._per_block("beta", beta))
 
@@ -117,7 +123,7 @@ class ActivationDiffusion(nn.Module):
     def extra_repr(self) -> str:
         return (f"grid_size={self.grid_size}, iterations={self.iterations}, alpha={self.alpha}, "
                 f"connectivity={self.connectivity}, exact_gradients={self.exact_gradients}, "
-                f"implementation={self.implementation!r}")
+                f"implementation={self.implementation!r}, backend={self.backend!r}")
 
     def _check_inputs(self, attention, semantic):
         H, W = self.grid_size
@@ -151,7 +157,7 @@ class ActivationDiffusion(nn.Module):
         lam = self.lam.to(semantic.dtype)
         beta = self.beta.to(semantic.dtype)
         forward = self._forward_structured if self.implementation == "structured" else self._forward_dense
-        f, s = forward(attention.reshape(B, H, W), semantic, lam, beta)
+        f, s = forward(attention.reshape(B, H, W), semantic, lam, beta, resolve_backend(self.backend, semantic))
         return f.reshape(attention.shape), s
 
     def _update(self, f, u, beta):
@@ -159,7 +165,7 @@ class ActivationDiffusion(nn.Module):
         t = nn.functional.tanhshrink(_safe_div(u, beta * f.amax((1, 2), keepdim=True)))
         return minmax_normalize(t, (1, 2))
 
-    def _forward_structured(self, f, s, lam, beta):
+    def _forward_structured(self, f, s, lam, beta, backend):
         """SPEC section 4. The residual update S <- S (1 + tau) scales each patch vector by a
         positive number (tau is in [0, 1]), and cosines do not see positive scales: every
         block's E equals the first block's, in value and, the cosine being homogeneous of
@@ -168,7 +174,8 @@ class ActivationDiffusion(nn.Module):
         H, W = self.grid_size
         offsets = OFFSETS[self.connectivity]
         valid, degree = grid_masks(H, W, self.connectivity, s.dtype, s.device)
-        e, e_self = NeighbourCosine.apply(s, offsets)
+        slot = GradSlot()  # the backward holds one gradient of S, not two
+        e, e_self = NeighbourCosine.apply(s, offsets, backend, slot)
         scale = torch.ones_like(f)
         for block, p in enumerate(self.iterations):
             w = valid * (1 - lam[block] * e)                    # L[n, n + o_k]
@@ -176,7 +183,7 @@ class ActivationDiffusion(nn.Module):
             if 2 ** p <= MATRIX_FREE_MAX_STEPS:
                 if checks_enabled():
                     self._check_convergence_stencil(w, d, offsets, block, lam[block])
-                u = StencilSeries.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
+                u = StencilSeries.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients, backend)
             else:
                 u, eigenvalues = SpectralFilter.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
                 if checks_enabled():
@@ -184,16 +191,16 @@ class ActivationDiffusion(nn.Module):
             tau = self._update(f, u, beta[block])
             f = f + tau
             scale = scale * (1 + tau)
-        return f, ScalePatches.apply(s, scale)
+        return f, ScalePatches.apply(s, scale, slot, e.grad_fn)
 
-    def _forward_dense(self, f, s, lam, beta):
+    def _forward_dense(self, f, s, lam, beta, backend):
         """The published formulation, block by block, on scm_ops' three operators."""
         B, C, H, W = s.shape
         for block, p in enumerate(self.iterations):
-            e = cosine_similarity(s.reshape(B, C, H * W).transpose(1, 2))
-            L = spatial_semantic_laplacian(e, (H, W), lam[block], self.connectivity)
+            e = cosine_similarity(s.reshape(B, C, H * W).transpose(1, 2), backend=backend)
+            L = spatial_semantic_laplacian(e, (H, W), lam[block], self.connectivity, backend=backend)
             try:
-                x = newton_schulz_inverse(L, p, self.alpha, detach_init=not self.exact_gradients)
+                x = newton_schulz_inverse(L, p, self.alpha, detach_init=not self.exact_gradients, backend=backend)
             except NewtonSchulzDivergenceError as err:
                 raise NewtonSchulzDivergenceError(
                     f"block {block} (lam={float(lam[block].detach()):.4g}): {err}") from None

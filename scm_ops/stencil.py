@@ -15,12 +15,18 @@ diagonal d [B, H, W]. Three autograd Functions, each with its own backward:
 
 Both Newton-Schulz gradient semantics are supported: exact (X_0 = alpha L differentiated)
 and the published one (X_0 carries no gradient).
+
+Backends: NeighbourCosine and StencilSeries run Triton kernels (kernels/stencil.py) on the
+"triton" backend and the PyTorch code below on "torch"; SpectralFilter (one batched eigh)
+and ScalePatches (one elementwise product) are PyTorch on both.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+
+from ._common import cdiv, kernel_config, kernel_module
 
 OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
 
@@ -135,21 +141,104 @@ def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class GradSlot:
+    """Hands the gradient of S from ScalePatches to NeighbourCosine within one backward pass.
+
+    S reaches the output twice: through the residual scaling S * scale and through the
+    neighbour cosines that build scale. Autograd would hold one [B, C, H, W] gradient for
+    each and add them. Instead ScalePatches, whose backward runs first, leaves the incoming
+    gradient and the scale here, and NeighbourCosine forms grad * scale and adds its own
+    terms into that one buffer, once the small per-block graph in between (whose spectral
+    block needs [B, N, N] temporaries) has been differentiated and freed. What is left here
+    is tagged with the graph task that left it and is taken by that task only.
+    """
+
+    def __init__(self):
+        self._task, self._value = None, None
+
+    def put(self, grad: torch.Tensor, scale: torch.Tensor) -> None:
+        self._task, self._value = torch._C._current_graph_task_id(), (grad, scale)
+
+    def take_scaled_grad(self) -> torch.Tensor | None:
+        """grad * scale (broadcast over C) as a new buffer, or None if nothing was left."""
+        value, task = self._value, self._task
+        self._task, self._value = None, None
+        if value is None or task != torch._C._current_graph_task_id():
+            return None
+        grad, scale = value
+        return grad * scale[:, None]
+
+
 class ScalePatches(torch.autograd.Function):
     """S [B, C, H, W] * scale [B, H, W] (broadcast over C), whose backward reduces over C
-    in chunks instead of forming grad * S."""
+    in chunks instead of forming grad * S. Given a GradSlot and the autograd node of the
+    NeighbourCosine of the same S, the gradient of S is left to that node whenever it runs
+    in the same backward pass (see GradSlot)."""
 
     @staticmethod
-    def forward(ctx, s, scale):
+    def forward(ctx, s, scale, slot=None, cosine_node=None):
         ctx.save_for_backward(s, scale)
+        ctx.slot, ctx.cosine_node = slot, cosine_node
         return s * scale[:, None]
 
     @staticmethod
     def backward(ctx, grad):
         s, scale = ctx.saved_tensors
-        grad_s = grad * scale[:, None] if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[0]:
+            if (ctx.slot is not None and ctx.cosine_node is not None
+                    and torch._C._will_engine_execute_node(ctx.cosine_node)):
+                ctx.slot.put(grad, scale)
+            else:
+                grad_s = grad * scale[:, None]
         grad_scale = channel_dot(grad, s) if ctx.needs_input_grad[1] else None
-        return grad_s, grad_scale
+        return grad_s, grad_scale, None, None
+
+
+def _neighbour_cosine_fwd_torch(s, offsets):
+    H, W = s.shape[-2:]
+    sq = channel_dot(s, s)
+    rnorm = torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
+    e = s.new_zeros(s.shape[0], len(offsets), H, W)
+    for k, (dr, dc) in enumerate(offsets):
+        here, there = _region(H, W, dr, dc)
+        e[:, k, here[0], here[1]] = (channel_dot(s[..., here[0], here[1]], s[..., there[0], there[1]])
+                                     * rnorm[:, here[0], here[1]] * rnorm[:, there[0], there[1]])
+    return e, sq
+
+
+def _neighbour_cosine_fwd_triton(s, offsets):
+    kern = kernel_module("stencil")
+    cfg, launch = kernel_config(kern, s.dtype)
+    B, C, H, W = s.shape
+    e = s.new_empty(B, len(offsets), H, W)
+    sq = s.new_empty(B, H, W)
+    kern.neighbour_cosine_fwd_kernel[(cdiv(H * W, cfg["BLOCK_P"]), B)](
+        s, e, sq, C, H, W, EIGHT_NEIGHBOURS=len(offsets) == 4, IS_FP64=s.dtype == torch.float64,
+        BLOCK_C=cfg["BLOCK_C"], BLOCK_P=cfg["BLOCK_P"], **launch)
+    return e, sq
+
+
+def _neighbour_cosine_bwd_torch(grad_s, s, coef, radial, offsets):
+    H, W = s.shape[-2:]
+    for k, (dr, dc) in enumerate(offsets):
+        here, there = _region(H, W, dr, dc)
+        ck = coef[:, k, here[0], here[1]][:, None]
+        grad_s[..., here[0], here[1]].addcmul_(ck, s[..., there[0], there[1]])
+        grad_s[..., there[0], there[1]].addcmul_(ck, s[..., here[0], here[1]])
+    return grad_s.addcmul_(s, radial[:, None], value=-1)
+
+
+def _neighbour_cosine_bwd_triton(grad_s, s, coef, radial, offsets):
+    kern = kernel_module("stencil")
+    cfg, launch = kernel_config(kern, s.dtype)
+    B, C, H, W = s.shape
+    grad_s = grad_s.contiguous()
+    grid = (cdiv(H * W, cfg["BLOCK_P"]), cdiv(C, cfg["BLOCK_C"]), B)
+    kern.neighbour_cosine_bwd_kernel[grid](
+        s, coef.contiguous(), radial.contiguous(), grad_s, C, H, W, EIGHT_NEIGHBOURS=len(offsets) == 4,
+        IS_FP64=s.dtype == torch.float64, BLOCK_C=cfg["BLOCK_C"], BLOCK_P=cfg["BLOCK_P"], **launch)
+    return grad_s
 
 
 class NeighbourCosine(torch.autograd.Function):
@@ -160,44 +249,105 @@ class NeighbourCosine(torch.autograd.Function):
     the published 0/0 misses). e_self is constant and carries no gradient. Saves S (which
     the residual update keeps anyway) and the inverse norms [B, H, W]. With
     e = r_n r_m <s_n, s_m>, the gradient is
-        dS_n = sum_pairs g r_n r_m s_m - r_n^2 s_n sum_pairs g e.
+        dS_n = sum_pairs g r_n r_m s_m - r_n^2 s_n sum_pairs g e,
+    added into the gradient the GradSlot hands over, if any (see GradSlot). `backend` is
+    "triton" (kernels/stencil.py; S is made contiguous) or "torch".
     """
 
     @staticmethod
-    def forward(ctx, s, offsets):
-        H, W = s.shape[-2:]
-        sq = channel_dot(s, s)
+    def forward(ctx, s, offsets, backend="torch", slot=None):
+        if backend == "triton":
+            s = s.contiguous()
+        e, sq = (_neighbour_cosine_fwd_triton if backend == "triton" else _neighbour_cosine_fwd_torch)(s, offsets)
         rnorm = torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
-        e = s.new_zeros(s.shape[0], len(offsets), H, W)
-        for k, (dr, dc) in enumerate(offsets):
-            here, there = _region(H, W, dr, dc)
-            e[:, k, here[0], here[1]] = (channel_dot(s[..., here[0], here[1]], s[..., there[0], there[1]])
-                                         * rnorm[:, here[0], here[1]] * rnorm[:, there[0], there[1]])
         e_self = (sq > 0).to(s.dtype)
         ctx.mark_non_differentiable(e_self)
         ctx.save_for_backward(s, rnorm, e)
-        ctx.offsets = offsets
+        ctx.offsets, ctx.backend, ctx.slot = offsets, backend, slot
         return e, e_self
 
     @staticmethod
     def backward(ctx, grad_e, _grad_self):
         s, rnorm, e = ctx.saved_tensors
-        H, W = s.shape[-2:]
-        grad_s = torch.zeros_like(s)
-        radial = torch.zeros_like(rnorm)
-        for k, (dr, dc) in enumerate(ctx.offsets):
-            here, there = _region(H, W, dr, dc)
-            coef = (grad_e[:, k, here[0], here[1]] * rnorm[:, here[0], here[1]]
-                    * rnorm[:, there[0], there[1]])[:, None]
-            grad_s[..., here[0], here[1]].addcmul_(coef, s[..., there[0], there[1]])
-            grad_s[..., there[0], there[1]].addcmul_(coef, s[..., here[0], here[1]])
-            ge = grad_e[:, k] * e[:, k]
-            radial += ge + shift(ge, -dr, -dc)
-        grad_s.addcmul_(s, (radial * rnorm * rnorm)[:, None], value=-1)
-        return grad_s, None
+        coef = grad_e * rnorm[:, None] * torch.stack([shift(rnorm, dr, dc) for dr, dc in ctx.offsets], 1)
+        ge = grad_e * e
+        radial = ge.sum(1) + sum(shift(ge[:, k], -dr, -dc) for k, (dr, dc) in enumerate(ctx.offsets))
+        radial = radial * rnorm * rnorm
+        grad_s = ctx.slot.take_scaled_grad() if ctx.slot is not None else None
+        if grad_s is None:
+            grad_s = torch.zeros_like(s)
+        bwd = _neighbour_cosine_bwd_triton if ctx.backend == "triton" else _neighbour_cosine_bwd_torch
+        return bwd(grad_s, s, coef, radial, ctx.offsets), None, None, None
 
 
 # ---------------------------------------------------------------- matrix-free series
+def _series_fwd_torch(f, w, d, alpha, steps, offsets):
+    L = Stencil(w, d, offsets)
+    x = torch.zeros_like(f)
+    xs, rs = [], []
+    for _ in range(steps):
+        r = f - L @ x
+        xs.append(x)
+        rs.append(r)
+        x = x + alpha * (L @ r)
+    return x, torch.stack(xs), torch.stack(rs)
+
+
+def _series_bwd_torch(grad_u, w, d, xs, rs, alpha, offsets, exact):
+    L = Stencil(w, d, offsets)
+    a = grad_u
+    a_next, bs = [], []
+    for _ in range(xs.shape[0]):
+        b = alpha * (L @ a)
+        a_next.append(a)
+        bs.append(b)
+        a = a - L @ b
+    a_next = torch.stack(a_next[::-1])
+    bs = torch.stack(bs[::-1])
+    grad_f = bs.sum(0)
+    grad_w = torch.stack([-stencil_pair_sum(bs, xs, dr, dc) for dr, dc in offsets], 1)
+    grad_d = -(bs * xs).sum(0)
+    if exact:
+        grad_w = grad_w + alpha * torch.stack([stencil_pair_sum(a_next, rs, dr, dc) for dr, dc in offsets], 1)
+        grad_d = grad_d + alpha * (a_next * rs).sum(0)
+    return grad_f, grad_w, grad_d
+
+
+# The Triton series holds a whole grid in one program; larger grids take the PyTorch steps.
+# Both block sizes up to this one are compiled ahead of time (scm_ops.aot).
+SERIES_MAX_CELLS = 1024
+
+
+def _series_launch(f):
+    """(kernel module, grid, BLOCK_N, launch options, scratch [B, BLOCK_N]) for one image a program."""
+    kern = kernel_module("stencil")
+    _, launch = kernel_config(kern, f.dtype)
+    block = 1 << max(0, f.shape[1] * f.shape[2] - 1).bit_length()
+    return kern, (f.shape[0],), block, launch, f.new_empty(f.shape[0], block)
+
+
+def _series_fwd_triton(f, w, d, alpha, steps, offsets):
+    kern, grid, block, launch, scratch = _series_launch(f)
+    B, H, W = f.shape
+    u = torch.empty_like(f)
+    xs, rs = f.new_empty(steps, B, H, W), f.new_empty(steps, B, H, W)
+    kern.stencil_series_fwd_kernel[grid](f, w, d, u, xs, rs, scratch, f.new_full((1,), alpha), B, H, W, steps,
+                                         EIGHT_NEIGHBOURS=len(offsets) == 4, BLOCK_N=block, **launch)
+    return u, xs, rs
+
+
+def _series_bwd_triton(grad_u, w, d, xs, rs, alpha, offsets, exact):
+    kern, grid, block, launch, scratch = _series_launch(grad_u)
+    B, H, W = grad_u.shape
+    grad_f, grad_d = torch.empty_like(grad_u), torch.empty_like(grad_u)
+    grad_w = torch.empty_like(w)
+    kern.stencil_series_bwd_kernel[grid](grad_u, w, d, xs, rs, grad_f, grad_w, grad_d, scratch,
+                                         grad_u.new_full((1,), alpha),
+                                         B, H, W, xs.shape[0], EXACT=exact,
+                                         EIGHT_NEIGHBOURS=len(offsets) == 4, BLOCK_N=block, **launch)
+    return grad_f, grad_w, grad_d
+
+
 class StencilSeries(torch.autograd.Function):
     """u = X_p F with X_p the p-step Newton-Schulz iterate of the stencil L, matrix-free:
     x_0 = 0, x_{j+1} = x_j + alpha L (F - L x_j), 2^p steps (SPEC section 4).
@@ -208,45 +358,32 @@ class StencilSeries(torch.autograd.Function):
         dF = sum_j b_j,
         dL = sum_j alpha a_{j+1} r_j^T - b_j x_j^T   (exact: the outer alpha L of every
              step is differentiated) or  -sum_j b_j x_j^T  (X_0 detached: it is constant),
-    read off on the stencil only.
+    read off on the stencil only. `backend` "triton" runs all steps of an image in one
+    program (kernels/stencil.py; grids up to SERIES_MAX_CELLS cells), "torch" runs them as
+    stencil products in PyTorch.
     """
 
     @staticmethod
-    def forward(ctx, f, w, d, alpha, iterations, offsets, exact):
-        L = Stencil(w, d, offsets)
-        x = torch.zeros_like(f)
-        xs, rs = [], []
-        for _ in range(2 ** iterations):
-            r = f - L @ x
-            xs.append(x)
-            rs.append(r)
-            x = x + alpha * (L @ r)
-        ctx.save_for_backward(w, d, torch.stack(xs), torch.stack(rs))
-        ctx.args = (alpha, offsets, exact)
-        return x
+    def forward(ctx, f, w, d, alpha, iterations, offsets, exact, backend="torch"):
+        if backend == "triton" and f.shape[1] * f.shape[2] > SERIES_MAX_CELLS:
+            backend = "torch"
+        if backend == "triton":
+            f, w, d = f.contiguous(), w.contiguous(), d.contiguous()
+        fwd = _series_fwd_triton if backend == "triton" else _series_fwd_torch
+        u, xs, rs = fwd(f, w, d, alpha, 2 ** iterations, offsets)
+        ctx.save_for_backward(w, d, xs, rs)
+        ctx.args = (alpha, offsets, exact, backend)
+        return u
 
     @staticmethod
     def backward(ctx, grad_u):
         w, d, xs, rs = ctx.saved_tensors
-        alpha, offsets, exact = ctx.args
-        L = Stencil(w, d, offsets)
-        a = grad_u
-        a_next, bs = [], []
-        for _ in range(xs.shape[0]):
-            b = alpha * (L @ a)
-            a_next.append(a)
-            bs.append(b)
-            a = a - L @ b
-        a_next = torch.stack(a_next[::-1])
-        bs = torch.stack(bs[::-1])
-        grad_f = bs.sum(0)
-        grad_w = torch.stack([-stencil_pair_sum(bs, xs, dr, dc) for dr, dc in offsets], 1)
-        grad_d = -(bs * xs).sum(0)
-        if exact:
-            grad_w = grad_w + alpha * torch.stack([stencil_pair_sum(a_next, rs, dr, dc)
-                                                   for dr, dc in offsets], 1)
-            grad_d = grad_d + alpha * (a_next * rs).sum(0)
-        return grad_f, grad_w, grad_d, None, None, None, None
+        alpha, offsets, exact, backend = ctx.args
+        if backend == "triton":
+            grads = _series_bwd_triton(grad_u.contiguous(), w, d, xs, rs, alpha, offsets, exact)
+        else:
+            grads = _series_bwd_torch(grad_u, w, d, xs, rs, alpha, offsets, exact)
+        return (*grads, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------- spectral form

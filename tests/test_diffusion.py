@@ -55,9 +55,9 @@ TOL = {torch.float64: (1e-9, 1e-6), torch.float32: (1e-4, 2e-3)}
 @pytest.mark.parametrize("channels", [200, 1000])
 @pytest.mark.parametrize("grid", [(14, 14), (7, 9)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_structured_matches_published(device, dtype, grid, channels, exact):
+def test_structured_matches_published(device, backend, dtype, grid, channels, exact):
     module = scm_ops.ActivationDiffusion(grid, exact_gradients=exact, lam=[1.0, 1.1, 0.9, 1.05],
-                                         beta=[0.5, 0.4, 0.6, 0.5]).to(device)
+                                         beta=[0.5, 0.4, 0.6, 0.5], backend=backend).to(device)
     f, s = inputs(2, channels, grid, dtype, device)
     parity(module, f, s, *TOL[dtype])
 
@@ -73,13 +73,33 @@ def test_dense_operators_match_published(device, backend, exact, monkeypatch):
     parity(module, f, s, *TOL[torch.float64])
 
 
-def test_eight_neighbours_and_attention_as_vector(device):
+def test_eight_neighbours_and_attention_as_vector(device, backend):
     grid = (6, 5)
-    module = scm_ops.ActivationDiffusion(grid, connectivity=8, iterations=(16, 4)).to(device).double()
+    module = scm_ops.ActivationDiffusion(grid, connectivity=8, iterations=(16, 4), backend=backend).to(device).double()
     f, s = inputs(2, 30, grid, torch.float64, device)
     f_flat = f.detach().reshape(2, 30).requires_grad_()
     assert module(f_flat, s)[0].shape == (2, 30)
     parity(module, f_flat, s, *TOL[torch.float64])
+
+
+def test_semantic_gradient_in_partial_and_repeated_backward(device, backend):
+    """S reaches the outputs through the cosines and through the residual scaling; the two
+    gradients share one buffer (stencil.GradSlot). Asking for gradients of one output, or of
+    lam alone first and of S after on a retained graph, must still give the full gradient."""
+    grid = (5, 6)
+    module = scm_ops.ActivationDiffusion(grid, backend=backend).to(device).double()
+    f, s = inputs(2, 12, grid, torch.float64, device)
+    out_f, out_s = module(f, s)
+    weights = torch.randn_like(out_s)
+    loss_s = (out_s * weights).sum()
+    ref_f, ref_s = activation_diffusion_ref(f, s, module.lam, module.beta)
+    expected_f = torch.autograd.grad(ref_f.sum(), s, retain_graph=True)[0]
+    expected_s = torch.autograd.grad((ref_s * weights).sum(), s)[0]
+    assert_rel_rmse(torch.autograd.grad(out_f.sum(), s, retain_graph=True)[0], expected_f, 1e-9, "d(sum F)/dS")
+    torch.autograd.grad(loss_s, module.lam, retain_graph=True)  # the cosine node does not run
+    assert_rel_rmse(torch.autograd.grad(out_f.sum(), s, retain_graph=True)[0], expected_f, 1e-9,
+                    "d(sum F)/dS after a lam-only pass")
+    assert_rel_rmse(torch.autograd.grad(loss_s, s)[0], expected_s, 1e-9, "d(S . w)/dS")
 
 
 def test_gradient_semantics_differ(device):

@@ -53,5 +53,7 @@ def test_every_kernel_configuration_compiles_for_sm80_and_sm90(tmp_path):
     rows = json.loads(out.read_text())
     assert {r["sm"] for r in rows} == {80, 90}
     assert {r["kernel"] for r in rows} == {"cosine_fwd_kernel", "cosine_bwd_kernel", "laplacian_fwd_kernel",
-                                           "laplacian_bwd_kernel", "bmm_axpby_kernel"}
+                                           "laplacian_bwd_kernel", "bmm_axpby_kernel",
+                                           "neighbour_cosine_fwd_kernel", "neighbour_cosine_bwd_kernel",
+                                           "stencil_series_fwd_kernel", "stencil_series_bwd_kernel"}
     assert all(r["fits"] for r in rows)
