@@ -118,14 +118,25 @@ def stencil_to_dense(w: torch.Tensor, d: torch.Tensor, offsets) -> torch.Tensor:
     return dense
 
 
-def dense_stencil_entries(g: torch.Tensor, height: int, width: int, offsets):
-    """From a dense [B, N, N] G: (G[n, n + o_k] + G[n + o_k, n] as [B, K, H, W], diag [B, H, W])."""
-    B = g.shape[0]
-    pairs = g.new_zeros(B, len(offsets), height, width)
-    for k, here, rows, cols in _neighbour_pairs(height, width, offsets, g.device):
-        region = pairs[:, k, here[0], here[1]]
-        region.copy_((g[:, rows, cols] + g[:, cols, rows]).reshape(region.shape))
-    return pairs, g.diagonal(dim1=1, dim2=2).reshape(B, height, width)
+def product_stencil_entries(p: torch.Tensor, q: torch.Tensor, height: int, width: int, offsets):
+    """For G = P Q^T (P, Q [B, N, N]), on the stencil only, without forming G:
+    (G[n, n + o_k] + G[n + o_k, n] as [B, K, H, W], the diagonal G[n, n] as [B, H, W]).
+    Each entry is a dot product of two rows; with the flat offset m = dr W + dc > 0 the
+    pairs (n, n + m) are the rows of two contiguous slabs, masked where n + o_k leaves
+    the grid (a column wrap)."""
+    B, N, _ = p.shape
+    valid, _ = grid_masks(height, width, len(offsets) * 2, p.dtype, p.device)
+    pairs = p.new_zeros(B, len(offsets), N)
+    for k, (dr, dc) in enumerate(offsets):
+        m = dr * width + dc
+        dots = _row_dots(p[:, :N - m], q[:, m:]) + _row_dots(p[:, m:], q[:, :N - m])
+        pairs[:, k, :N - m] = dots * valid[k].reshape(-1)[:N - m]
+    return pairs.reshape(B, len(offsets), height, width), _row_dots(p, q).reshape(B, height, width)
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """(a * b).sum(-1) for [B, n, N] tensors, a few batch items at a time (small temporaries)."""
+    return torch.cat([(a[i:i + chunk] * b[i:i + chunk]).sum(-1) for i in range(0, a.shape[0], chunk)])
 
 
 # ---------------------------------------------------------------- neighbour cosines
@@ -417,7 +428,8 @@ class SpectralFilter(torch.autograd.Function):
 
     Inputs F [B, H, W], w [B, K, H, W], d [B, H, W]; returns (u [B, H, W], t [B, N]), the
     eigenvalues for the convergence check (no gradient). Saves Q, t and Q^T F. Backward:
-    dF = Q g(t) Q^T du; dL = Q (A * (Q^T du)(Q^T F)^T) Q^T, read off on the stencil.
+    dF = Q g(t) Q^T du; dL = Q (A * (Q^T du)(Q^T F)^T) Q^T, of which only the stencil
+    entries are formed (row dot products of Q K and Q: one N x N product, not two).
     """
 
     @staticmethod
@@ -440,6 +452,7 @@ class SpectralFilter(torch.autograd.Function):
         grad_f = (q @ (spectral_filter(t, alpha, iterations) * phi)[..., None]).reshape(B, H, W)
         k = spectral_derivative(t, alpha, iterations, exact)
         k.mul_(phi[:, :, None] * psi[:, None, :])
-        grad_dense = torch.bmm(q, k @ q.transpose(1, 2), out=k)   # Q K Q^T, in K's buffer
-        grad_w, grad_d = dense_stencil_entries(grad_dense, H, W, offsets)
+        qk = torch.bmm(q, k)
+        del k
+        grad_w, grad_d = product_stencil_entries(qk, q, H, W, offsets)   # of dL = (Q K) Q^T
         return grad_f, grad_w, grad_d, None, None, None, None
