@@ -36,7 +36,7 @@ from synthetic_shapes import CLASSES, make_split  # noqa: E402
 
 MODES = {  # images, pretraining and fine-tuning epochs; sized for a 2-core CPU
     "quick": dict(train=1200, test=300, pretrain_epochs=2, epochs=2),
-    "full": dict(train=6000, test=1000, pretrain_epochs=20, epochs=12),
+    "full": dict(train=6000, test=1000, pretrain_epochs=30, epochs=5),
 }
 IMAGE, PATCH = 64, 8
 PRETRAIN_LR = float(os.environ.get("WSOL_PRETRAIN_LR", "2e-3"))

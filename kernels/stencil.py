@@ -26,24 +26,27 @@ CONFIGS = {
 
 
 @triton.jit
-def _shifted(ptr, r, c, H, W, dr: tl.constexpr, dc: tl.constexpr):
-    """ptr[n + o] at every cell n = (r, c) for o = (dr, dc); 0 where n + o leaves the grid.
-    `ptr` may carry a leading channel axis ([BLOCK_C, 1] offsets broadcast over cells)."""
+def _neighbour(r, c, H, W, dr: tl.constexpr, dc: tl.constexpr):
+    """(flat index of n + o, whether it is on the grid) for every cell n = (r, c), o = (dr, dc).
+    Lanes past the grid (r >= H, padding) are never on it."""
     rr = r + dr
     cc = c + dc
-    ok = (r < H) & (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)  # r >= H: a padding lane
-    return tl.load(ptr + rr * W + cc, mask=ok, other=0.0)
+    return rr * W + cc, (r < H) & (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
+
+
+@triton.jit
+def _shifted(ptr, r, c, H, W, dr: tl.constexpr, dc: tl.constexpr):
+    """ptr[n + o] at every cell n = (r, c); 0 where n + o leaves the grid."""
+    idx, ok = _neighbour(r, c, H, W, dr, dc)
+    return tl.load(ptr + idx, mask=ok, other=0.0)
 
 
 # ---------------------------------------------------------------- neighbour cosines
 @triton.jit
 def _cosine_offset(s_ptr, offs_c, c_ok, r, cl, H, W, N, here, dr: tl.constexpr, dc: tl.constexpr):
     """(<s_n, s_{n+o}> partial over this channel chunk, |s_{n+o}|^2 partial)."""
-    rr = r + dr
-    cc = cl + dc
-    ok = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
-    there = tl.load(s_ptr + offs_c[:, None] * N + (rr * W + cc)[None, :], mask=c_ok[:, None] & ok[None, :],
-                    other=0.0)
+    idx, ok = _neighbour(r, cl, H, W, dr, dc)
+    there = tl.load(s_ptr + offs_c[:, None] * N + idx[None, :], mask=c_ok[:, None] & ok[None, :], other=0.0)
     return tl.sum(here * there, axis=0), tl.sum(there * there, axis=0)
 
 
@@ -110,8 +113,11 @@ def neighbour_cosine_fwd_kernel(
 @triton.jit
 def _cosine_grad_offset(s_ptr, coef_ptr, offs_c, c_ok, r, cl, H, W, N, dr: tl.constexpr, dc: tl.constexpr):
     """coef_k[n] s_{n+o} + coef_k[n-o] s_{n-o} for this channel chunk, [BLOCK_C, BLOCK_P]."""
-    plus = _shifted(s_ptr + offs_c[:, None] * N, r[None, :], cl[None, :], H, W, dr, dc)
-    minus = _shifted(s_ptr + offs_c[:, None] * N, r[None, :], cl[None, :], H, W, -dr, -dc)
+    rows = s_ptr + offs_c[:, None] * N
+    idx, ok = _neighbour(r, cl, H, W, dr, dc)
+    plus = tl.load(rows + idx[None, :], mask=c_ok[:, None] & ok[None, :], other=0.0)
+    idx, ok = _neighbour(r, cl, H, W, -dr, -dc)
+    minus = tl.load(rows + idx[None, :], mask=c_ok[:, None] & ok[None, :], other=0.0)
     coef_here = _shifted(coef_ptr, r, cl, H, W, 0, 0)
     coef_minus = _shifted(coef_ptr, r, cl, H, W, -dr, -dc)
     return coef_here[None, :] * plus + coef_minus[None, :] * minus

@@ -34,8 +34,8 @@ def test_trainer_runs_under_torchrun_with_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2
-    assert set(metrics["results"]) == {"baseline", "scm", "whole_image_box", "centred_box", "untrained"}
+    assert set(metrics["results"]) == {"baseline", "scm", "pretrained", "whole_image_box", "centred_box", "untrained"}
     for row in metrics["results"].values():
         assert set(row) == {"top1_cls", "top1_loc", "gt_known_loc", "maxboxacc_v2"}
     assert (tmp_path / "figure.png").stat().st_size > 0
-    assert (tmp_path / "scm.pt").exists() and (tmp_path / "baseline.pt").exists()
+    assert all((tmp_path / f"{name}.pt").exists() for name in ("pretrained", "baseline", "scm"))

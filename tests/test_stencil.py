@@ -1,0 +1,89 @@
+"""The structured fast path's pieces (scm_ops.stencil) on both backends, against the dense
+references: neighbour cosines against the full cosine matrix, the matrix-free series
+against Newton-Schulz on the dense L, and gradcheck of each."""
+import pytest
+import torch
+
+from scm_ops.reference import cosine_similarity_ref, newton_schulz_inverse_ref
+from scm_ops.stencil import OFFSETS, NeighbourCosine, StencilSeries, grid_masks, stencil_to_dense
+from scm_ops.testing import TOLERANCE, assert_rel_rmse
+
+GRID = (4, 5)
+
+
+def neighbour_entries(dense, height, width, offsets):
+    """dense[b, n, n + o_k] as [B, K, H, W], 0 where n + o_k leaves the grid."""
+    B = dense.shape[0]
+    out = dense.new_zeros(B, len(offsets), height, width)
+    for k, (dr, dc) in enumerate(offsets):
+        for r in range(height):
+            for c in range(width):
+                if 0 <= r + dr < height and 0 <= c + dc < width:
+                    out[:, k, r, c] = dense[:, r * width + c, (r + dr) * width + c + dc]
+    return out
+
+
+def random_stencil(batch, connectivity, dtype, device, seed=0):
+    """w [B, K, H, W], d [B, H, W] of a symmetric L shaped like an ADB's, lam near 1."""
+    g = torch.Generator().manual_seed(seed)
+    valid, degree = grid_masks(*GRID, connectivity, dtype, "cpu")
+    w = valid * (1 - 1.2 * torch.rand(batch, len(OFFSETS[connectivity]), *GRID, generator=g, dtype=dtype))
+    d = degree * 0.2 * torch.rand(batch, *GRID, generator=g, dtype=dtype)
+    return w.to(device), d.to(device)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_neighbour_cosine_matches_dense_cosine(device, backend, dtype, connectivity):
+    """Values and the gradient to S against autograd through the dense cosine matrix."""
+    offsets = OFFSETS[connectivity]
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 70, *GRID, generator=g, dtype=torch.float64)   # C not a multiple of a block
+    s[1, :, 2, 3] = 0                                                   # a zero vector: cosine 0
+    ours = s.to(device, dtype).requires_grad_()
+    e, e_self = NeighbourCosine.apply(ours, offsets, backend)
+    ref = s.clone().requires_grad_()
+    e_ref = neighbour_entries(cosine_similarity_ref(ref.flatten(2).transpose(1, 2)), *GRID, offsets)
+    assert_rel_rmse(e, e_ref, TOLERANCE[dtype], "neighbour cosines")
+    assert torch.equal(e_self.cpu(), (s.norm(dim=1) > 0).to(dtype))
+    weights = torch.randn(e.shape, generator=g, dtype=torch.float64)
+    grad = torch.autograd.grad((e * weights.to(device, dtype)).sum(), ours)[0]
+    grad_ref = torch.autograd.grad((e_ref * weights).sum(), ref)[0]
+    assert_rel_rmse(grad, grad_ref, TOLERANCE[dtype], "d/dS")
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_neighbour_cosine_gradcheck_torch_path(device, connectivity):
+    """Finite differences on the PyTorch path (the Triton path is held to the same
+    reference gradients above; finite differences in the interpreter cost minutes)."""
+    s = torch.randn(2, 6, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: NeighbourCosine.apply(x, OFFSETS[connectivity], "torch")[0], (s,))
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["published_grad", "exact_grad"])
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_stencil_series_matches_dense_newton_schulz(device, backend, connectivity, exact):
+    """u = X_p^T F with X_p from Newton-Schulz on the dense L, value and gradients (float64)."""
+    offsets = OFFSETS[connectivity]
+    alpha, p = 0.05, 3
+    w, d = random_stencil(2, connectivity, torch.float64, device)
+    f = torch.rand(2, *GRID, dtype=torch.float64, device=device)
+    leaves = [t.clone().requires_grad_() for t in (f, w, d)]
+    u = StencilSeries.apply(*leaves, alpha, p, offsets, exact, backend)
+    ref_leaves = [t.clone().requires_grad_() for t in (f, w, d)]
+    L = stencil_to_dense(ref_leaves[1], ref_leaves[2], offsets)
+    x = newton_schulz_inverse_ref(L, p, alpha, detach_init=not exact)
+    u_ref = (x.transpose(1, 2) @ ref_leaves[0].reshape(2, -1, 1)).reshape(u.shape)
+    assert_rel_rmse(u, u_ref, 1e-12, "u")
+    weights = torch.randn_like(u)
+    grads = torch.autograd.grad((u * weights).sum(), leaves)
+    grads_ref = torch.autograd.grad((u_ref * weights).sum(), ref_leaves)
+    for name, a, b in zip(("dF", "dw", "dd"), grads, grads_ref):
+        assert_rel_rmse(a, b, 1e-11, name)
+
+
+def test_stencil_series_gradcheck_torch_path(device):
+    w, d = random_stencil(1, 4, torch.float64, device)
+    f = torch.rand(1, *GRID, dtype=torch.float64, device=device)
+    leaves = [t.clone().requires_grad_() for t in (f, w, d)]
+    assert torch.autograd.gradcheck(lambda *x: StencilSeries.apply(*x, 0.05, 2, OFFSETS[4], True, "torch"), leaves)
