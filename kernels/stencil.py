@@ -188,6 +188,21 @@ def _stencil_matvec(scratch_ptr, w_ptr, d, x, r, c, H, W, inside, offs, EIGHT_NE
 
 
 @triton.jit
+def _series_program(alpha_ptr, d_ptr, w_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """This program's image b and cells (offs, in-grid mask, row, column), alpha, the
+    diagonal d, and pointers to the image's weight planes and scratch row."""
+    K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
+    N = H * W
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    inside = offs < N
+    d = tl.load(d_ptr + b * N + offs, mask=inside, other=0.0)
+    return (b, offs, inside, offs // W, offs % W, tl.load(alpha_ptr), d, w_ptr + b * K * N,
+            scratch_ptr + b * BLOCK_N)
+
+
+@triton.jit
 def stencil_series_fwd_kernel(
     f_ptr, w_ptr, d_ptr, u_ptr, xs_ptr, rs_ptr, scratch_ptr, alpha_ptr, B, H, W, STEPS,
     EIGHT_NEIGHBOURS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -195,18 +210,10 @@ def stencil_series_fwd_kernel(
     """u = x_STEPS with x_0 = 0, r_j = F - L x_j, x_{j+1} = x_j + alpha L r_j; the x_j and
     r_j go to xs, rs [STEPS, B, H, W] for the backward. Grid (B,); scratch [B, BLOCK_N];
     alpha is a one-element tensor of the vectors' dtype (a float argument would be fp32)."""
-    K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
     N = H * W
-    alpha = tl.load(alpha_ptr)
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_N)
-    inside = offs < N
-    r = offs // W
-    c = offs % W
+    b, offs, inside, r, c, alpha, d, w_ptr, scratch_ptr = _series_program(
+        alpha_ptr, d_ptr, w_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS, BLOCK_N)
     f = tl.load(f_ptr + b * N + offs, mask=inside, other=0.0)
-    d = tl.load(d_ptr + b * N + offs, mask=inside, other=0.0)
-    w_ptr += b * K * N
-    scratch_ptr += b * BLOCK_N
     x = tl.zeros_like(f)
     for j in range(STEPS):
         res = f - _stencil_matvec(scratch_ptr, w_ptr, d, x, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
@@ -236,16 +243,9 @@ def stencil_series_bwd_kernel(
     Grid (B,)."""
     K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
     N = H * W
-    alpha = tl.load(alpha_ptr)
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_N)
-    inside = offs < N
-    r = offs // W
-    c = offs % W
+    b, offs, inside, r, c, alpha, d, w_ptr, scratch_ptr = _series_program(
+        alpha_ptr, d_ptr, w_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS, BLOCK_N)
     a = tl.load(grad_u_ptr + b * N + offs, mask=inside, other=0.0)
-    d = tl.load(d_ptr + b * N + offs, mask=inside, other=0.0)
-    w_ptr += b * K * N
-    scratch_ptr += b * BLOCK_N
     grad_f = tl.zeros_like(a)
     grad_d = tl.zeros_like(a)
     gw0 = tl.zeros_like(a)
