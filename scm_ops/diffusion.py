@@ -7,7 +7,7 @@ from torch import nn
 from ._common import check_float_tensor, check_same, checks_enabled, resolve_backend
 from .cosine import cosine_similarity
 from .laplacian import spatial_semantic_laplacian
-from .newton_schulz import NewtonSchulzDivergenceError, newton_schulz_inverse
+from .newton_schulz import NewtonSchulzDivergenceError, divergence, newton_schulz_inverse
 from .stencil import (OFFSETS, GradSlot, NeighbourCosine, ScalePatches, SpectralFilter, Stencil, StencilSeries,
                       grid_masks, stencil_to_dense)
 
@@ -221,14 +221,11 @@ class ActivationDiffusion(nn.Module):
             self._raise_if_divergent(sigma, block, lam)
 
     def _raise_if_divergent(self, sigma, block, lam):
-        bad = self.alpha * sigma.detach() ** 2 >= 2
-        if bool(bad.any()):
-            item = int(bad.nonzero()[0, 0])
-            s = float(sigma[item])
+        problem = divergence(sigma, self.alpha)
+        if problem:
             raise NewtonSchulzDivergenceError(
-                f"ActivationDiffusion block {block}: lam={float(lam.detach()):.4g} makes Newton-Schulz diverge "
-                f"(alpha * sigma_max(L)^2 = {self.alpha * s * s:.4g} >= 2 for batch item {item}); "
-                f"keep lam where alpha * sigma_max(L)^2 < 2 (sigma_max(L) < {(2 / self.alpha) ** 0.5:.4g})")
+                f"ActivationDiffusion block {block}: lam={float(lam.detach()):.4g} makes Newton-Schulz diverge: "
+                f"{problem}; keep lam nearer 1")
 
 
 def attention_map_from_blocks(attentions, grid_size) -> torch.Tensor:

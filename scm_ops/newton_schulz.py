@@ -109,15 +109,26 @@ def check_convergence(l: torch.Tensor, alpha: float) -> None:
     suspects = torch.nonzero(alpha * bound * bound >= 2).flatten()
     if suspects.numel() == 0:
         return
-    sigma = torch.linalg.matrix_norm(l[suspects].double(), ord=2)
-    bad = alpha * sigma * sigma >= 2
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        item, s = int(suspects[i]), float(sigma[i])
-        raise NewtonSchulzDivergenceError(
-            f"newton_schulz_inverse diverges: alpha * sigma_max(L)^2 = {alpha * s * s:.4g} >= 2 "
-            f"for batch item {item} (alpha={alpha:g}, sigma_max(L)={s:.4g}); it converges only "
-            f"for alpha < {2 / (s * s):.4g}. Lower alpha, or rescale L (in SCM: keep lam near 1).")
+    sigma = torch.zeros_like(bound, dtype=torch.float64)
+    sigma[suspects] = torch.linalg.matrix_norm(l[suspects].double(), ord=2)
+    problem = divergence(sigma, alpha)
+    if problem:
+        raise NewtonSchulzDivergenceError(f"newton_schulz_inverse diverges: {problem}. Lower alpha, or "
+                                          "rescale L (in SCM: keep lam near 1).")
+
+
+def divergence(sigma: torch.Tensor, alpha: float) -> str:
+    """"" if alpha * sigma[b]^2 < 2 for every batch item b, else what fails for the first
+    item that diverges (sigma: sigma_max(L) per item, [B]); shared by newton_schulz_inverse
+    and ActivationDiffusion's structured path, which get sigma in different ways."""
+    bad = alpha * sigma.detach() ** 2 >= 2
+    if not bool(bad.any()):
+        return ""
+    item = int(bad.nonzero()[0, 0])
+    s = float(sigma[item])
+    return (f"alpha * sigma_max(L)^2 = {alpha * s * s:.4g} >= 2 for batch item {item} (alpha={alpha:g}, "
+            f"sigma_max(L)={s:.4g}, so it converges only for alpha < {2 / (s * s):.4g} or "
+            f"sigma_max(L) < {(2 / alpha) ** 0.5:.4g})")
 
 
 # ---------------------------------------------------------------- registered operators
