@@ -17,6 +17,12 @@ if DEVICE.type == "cpu":
 os.environ.pop("SCM_OPS_BACKEND", None)
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_rng():
+    """Every test starts from the same global RNG state, whatever ran before it."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def device():
     return DEVICE
