@@ -16,6 +16,7 @@ import sys
 import torch
 
 import scm_ops
+from scm_ops.diffusion import LARGE_P_ROUTES, default_large_p_route
 from scm_ops.reference import (activation_diffusion_ref, cosine_similarity_ref,
                                newton_schulz_inverse_ref, spatial_semantic_laplacian_ref)
 
@@ -24,6 +25,7 @@ NS_ITERATIONS = 4  # the published p of blocks 2-4; see the README for why not 1
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+OTHER_LARGE_P_ROUTE = next(r for r in LARGE_P_ROUTES if r != default_large_p_route(DEVICE))
 
 # (shape dict, quick?) per group; CPU shapes are scaled to fit the 10-minute budget of a
 # 2-core machine, CUDA shapes span batch 8 to 256.
@@ -40,7 +42,9 @@ SHAPES = {
 def candidates(group: str) -> list[str]:
     names = ["published", "published_compiled"]
     if group == "diffusion":
-        names += ["scm_structured", "scm_dense"]
+        # the structured path with its default route for the p = 16 block on this device,
+        # and with the other route (scm_ops.diffusion.default_large_p_route)
+        names += ["scm_structured", f"scm_structured_{OTHER_LARGE_P_ROUTE}", "scm_dense"]
     else:
         names += ["scm_torch"] + (["scm_triton"] if ON_CUDA else [])
     if group == "newton_schulz":
@@ -102,9 +106,10 @@ def _function(group, candidate, shape):
             return lambda L: torch.from_numpy(np.stack([scipy.linalg.inv(m) for m in L.detach().numpy()]))
     else:
         module = None
-        if candidate in ("scm_structured", "scm_dense"):
-            impl = "structured" if candidate == "scm_structured" else "dense"
-            module = scm_ops.ActivationDiffusion(grid, implementation=impl).to(DEVICE)
+        if candidate.startswith("scm_structured") or candidate == "scm_dense":
+            impl = "dense" if candidate == "scm_dense" else "structured"
+            route = candidate[len("scm_structured_"):] if candidate.startswith("scm_structured_") else None
+            module = scm_ops.ActivationDiffusion(grid, implementation=impl, large_p_route=route).to(DEVICE)
             return lambda f, s: module(f, s)
         lam = torch.ones(4, device=DEVICE, requires_grad=True)
         beta = torch.full((4,), 0.5, device=DEVICE, requires_grad=True)

@@ -13,9 +13,18 @@ from .stencil import (OFFSETS, GradSlot, NeighbourCosine, ScalePatches, Spectral
 
 __all__ = ["ActivationDiffusion", "attention_map_from_blocks", "localization_map", "minmax_normalize"]
 
-# Blocks with 2^p <= this many matrix-free steps take StencilSeries, the others the
-# spectral form (see the README for the timings behind the choice).
+# Blocks with 2^p <= this many matrix-free steps take StencilSeries; the others take the
+# route of LARGE_P_ROUTES for the device (see the README for the timings behind the choice).
 MATRIX_FREE_MAX_STEPS = 64
+LARGE_P_ROUTES = ("spectral", "newton_schulz")
+
+
+def default_large_p_route(device: torch.device) -> str:
+    """The spectral form on the CPU, measured faster there (a batched eigh at B = 64,
+    N = 196 costs less than the 16 forward products of dense Newton-Schulz alone). Dense
+    Newton-Schulz on other devices: batched products suit a GPU and a batched eigh does
+    not. That GPU choice is not measured yet; the CUDA benchmarks time both routes."""
+    return "spectral" if device.type == "cpu" else "newton_schulz"
 
 
 def _safe_div(num, den):
@@ -55,6 +64,11 @@ class ActivationDiffusion(nn.Module):
             tensors and PyTorch for the others). In the structured implementation the
             neighbour cosines and the matrix-free blocks have Triton kernels; the spectral
             block (one batched eigh) is PyTorch on both backends.
+        large_p_route: how the structured implementation runs blocks with 2^p > 64 steps
+            (the p = 16 block): "spectral" (eigh and the closed-form derivative),
+            "newton_schulz" (dense Newton-Schulz on the L of the stencil, scm_ops'
+            operator, Triton products on the Triton backend) or None: spectral on the
+            CPU, Newton-Schulz elsewhere (default_large_p_route).
 
     Shapes:
         forward(attention, semantic): attention [B, N] or [B, H, W], semantic [B, C, H, W],
@@ -83,7 +97,8 @@ class ActivationDiffusion(nn.Module):
 
     def __init__(self, grid_size, iterations=(16, 4, 4, 4), alpha: float = 0.002, lam=1.0,
                  beta=0.5, connectivity: int = 4, exact_gradients: bool = False,
-                 implementation: str = "structured", backend: str | None = None):
+                 implementation: str = "structured", backend: str | None = None,
+                 large_p_route: str | None = None):
         super().__init__()
         if isinstance(grid_size, int):
             grid_size = (grid_size, grid_size)
@@ -108,6 +123,9 @@ class ActivationDiffusion(nn.Module):
         if backend not in (None, "triton", "torch"):
             raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
         self.backend = backend
+        if large_p_route not in (None,) + LARGE_P_ROUTES:
+            raise ValueError(f"large_p_route must be one of {LARGE_P_ROUTES} or None, got {large_p_route!r}")
+        self.large_p_route = large_p_route
         self.lam = nn.Parameter(self._per_block("lam", lam))
         self.beta = nn.Parameter(self._per_block("beta", beta))
 
@@ -123,7 +141,8 @@ class ActivationDiffusion(nn.Module):
     def extra_repr(self) -> str:
         return (f"grid_size={self.grid_size}, iterations={self.iterations}, alpha={self.alpha}, "
                 f"connectivity={self.connectivity}, exact_gradients={self.exact_gradients}, "
-                f"implementation={self.implementation!r}, backend={self.backend!r}")
+                f"implementation={self.implementation!r}, backend={self.backend!r}, "
+                f"large_p_route={self.large_p_route!r}")
 
     def _check_inputs(self, attention, semantic):
         H, W = self.grid_size
@@ -171,7 +190,7 @@ class ActivationDiffusion(nn.Module):
         block's E equals the first block's, in value and, the cosine being homogeneous of
         degree 0, in gradient. So the neighbour cosines are computed once, and S is scaled
         once at the end by the product of the (1 + tau)."""
-        H, W = self.grid_size
+        B, H, W = f.shape
         offsets = OFFSETS[self.connectivity]
         valid, degree = grid_masks(H, W, self.connectivity, s.dtype, s.device)
         slot = GradSlot()  # the backward holds one gradient of S, not two
@@ -184,10 +203,13 @@ class ActivationDiffusion(nn.Module):
                 if checks_enabled():
                     self._check_convergence_stencil(w, d, offsets, block, lam[block])
                 u = StencilSeries.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients, backend)
-            else:
+            elif (self.large_p_route or default_large_p_route(s.device)) == "spectral":
                 u, eigenvalues = SpectralFilter.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
                 if checks_enabled():
                     self._raise_if_divergent(eigenvalues.abs().amax(1), block, lam[block])
+            else:
+                x = self._newton_schulz(stencil_to_dense(w, d, offsets), p, block, lam[block], backend)
+                u = (x.transpose(1, 2) @ f.reshape(B, H * W, 1)).reshape(B, H, W)
             tau = self._update(f, u, beta[block])
             f = f + tau
             scale = scale * (1 + tau)
@@ -199,16 +221,19 @@ class ActivationDiffusion(nn.Module):
         for block, p in enumerate(self.iterations):
             e = cosine_similarity(s.reshape(B, C, H * W).transpose(1, 2), backend=backend)
             L = spatial_semantic_laplacian(e, (H, W), lam[block], self.connectivity, backend=backend)
-            try:
-                x = newton_schulz_inverse(L, p, self.alpha, detach_init=not self.exact_gradients, backend=backend)
-            except NewtonSchulzDivergenceError as err:
-                raise NewtonSchulzDivergenceError(
-                    f"block {block} (lam={float(lam[block].detach()):.4g}): {err}") from None
+            x = self._newton_schulz(L, p, block, lam[block], backend)
             u = (x.transpose(1, 2) @ f.reshape(B, H * W, 1)).reshape(B, H, W)
             tau = self._update(f, u, beta[block])
             f = f + tau
             s = s * (1 + tau[:, None])
         return f, s
+
+    def _newton_schulz(self, L, p, block, lam, backend):
+        """X_p of a block's dense L, naming the block if it diverges."""
+        try:
+            return newton_schulz_inverse(L, p, self.alpha, detach_init=not self.exact_gradients, backend=backend)
+        except NewtonSchulzDivergenceError as err:
+            raise NewtonSchulzDivergenceError(f"block {block} (lam={float(lam.detach()):.4g}): {err}") from None
 
     # -- divergence detection ----------------------------------------------------------
     def _check_convergence_stencil(self, w, d, offsets, block, lam):

@@ -73,6 +73,21 @@ def test_dense_operators_match_published(device, backend, exact, monkeypatch):
     parity(module, f, s, *TOL[torch.float64])
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["published_grad", "exact_grad"])
+def test_newton_schulz_route_for_large_p_matches_published(device, backend, exact):
+    """The p = 16 block through dense Newton-Schulz on the stencil's L (the default off the
+    CPU) instead of the spectral form."""
+    grid = (7, 9)
+    module = scm_ops.ActivationDiffusion(grid, iterations=(16, 4), exact_gradients=exact, lam=[1.05, 0.95],
+                                         backend=backend, large_p_route="newton_schulz").to(device)
+    f, s = inputs(2, 60, grid, torch.float64, device)
+    parity(module, f, s, *TOL[torch.float64])
+    diverging = scm_ops.ActivationDiffusion(grid, iterations=(16, 4), lam=[20.0, 1.0], backend=backend,
+                                            large_p_route="newton_schulz").to(device).double()
+    with pytest.raises(scm_ops.NewtonSchulzDivergenceError, match="block 0"):
+        diverging(f, s)
+
+
 def test_eight_neighbours_and_attention_as_vector(device, backend):
     grid = (6, 5)
     module = scm_ops.ActivationDiffusion(grid, connectivity=8, iterations=(16, 4), backend=backend).to(device).double()
@@ -146,6 +161,13 @@ def test_divergent_lam_is_reported(device):
         block = 0 if lam[0] > 1 else 1
         with pytest.raises(scm_ops.NewtonSchulzDivergenceError, match=f"block {block}"):
             module(f, s)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="large_p_route"):
+        scm_ops.ActivationDiffusion((7, 9), large_p_route="eigh")
+    with pytest.raises(ValueError, match="backend"):
+        scm_ops.ActivationDiffusion((7, 9), backend="cuda")
 
 
 @pytest.mark.parametrize("call, match", [
