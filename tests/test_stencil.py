@@ -23,12 +23,12 @@ def neighbour_entries(dense, height, width, offsets):
     return out
 
 
-def random_stencil(batch, connectivity, dtype, device, seed=0):
+def random_stencil(batch, connectivity, dtype, device, seed=0, grid=GRID):
     """w [B, K, H, W], d [B, H, W] of a symmetric L shaped like an ADB's, lam near 1."""
     g = torch.Generator().manual_seed(seed)
-    valid, degree = grid_masks(*GRID, connectivity, dtype, "cpu")
-    w = valid * (1 - 1.2 * torch.rand(batch, len(OFFSETS[connectivity]), *GRID, generator=g, dtype=dtype))
-    d = degree * 0.2 * torch.rand(batch, *GRID, generator=g, dtype=dtype)
+    valid, degree = grid_masks(*grid, connectivity, dtype, "cpu")
+    w = valid * (1 - 1.2 * torch.rand(batch, len(OFFSETS[connectivity]), *grid, generator=g, dtype=dtype))
+    d = degree * 0.2 * torch.rand(batch, *grid, generator=g, dtype=dtype)
     return w.to(device), d.to(device)
 
 
@@ -60,14 +60,16 @@ def test_neighbour_cosine_gradcheck_torch_path(device, connectivity):
     assert torch.autograd.gradcheck(lambda x: NeighbourCosine.apply(x, OFFSETS[connectivity], "torch")[0], (s,))
 
 
-@pytest.mark.parametrize("exact", [False, True], ids=["published_grad", "exact_grad"])
-@pytest.mark.parametrize("connectivity", [4, 8])
-def test_stencil_series_matches_dense_newton_schulz(device, backend, connectivity, exact):
+@pytest.mark.parametrize("exact, connectivity, grid", [
+    (False, 4, GRID), (True, 4, GRID), (False, 8, GRID), (True, 8, GRID),
+    (True, 8, (1, 5)), (True, 8, (5, 1)), (True, 4, (1, 1)),          # degenerate grids
+], ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else str(v))
+def test_stencil_series_matches_dense_newton_schulz(device, backend, connectivity, exact, grid):
     """u = X_p^T F with X_p from Newton-Schulz on the dense L, value and gradients (float64)."""
     offsets = OFFSETS[connectivity]
     alpha, p = 0.05, 3
-    w, d = random_stencil(2, connectivity, torch.float64, device)
-    f = torch.rand(2, *GRID, dtype=torch.float64, device=device)
+    w, d = random_stencil(2, connectivity, torch.float64, device, grid=grid)
+    f = torch.rand(2, *grid, dtype=torch.float64, device=device)
     leaves = [t.clone().requires_grad_() for t in (f, w, d)]
     u = StencilSeries.apply(*leaves, alpha, p, offsets, exact, backend)
     ref_leaves = [t.clone().requires_grad_() for t in (f, w, d)]
