@@ -105,7 +105,6 @@ def _function(group, candidate, shape):
             import scipy.linalg
             return lambda L: torch.from_numpy(np.stack([scipy.linalg.inv(m) for m in L.detach().numpy()]))
     else:
-        module = None
         if candidate.startswith("scm_structured") or candidate == "scm_dense":
             impl = "dense" if candidate == "scm_dense" else "structured"
             route = candidate[len("scm_structured_"):] if candidate.startswith("scm_structured_") else None

@@ -43,10 +43,17 @@ def _shifted(ptr, r, c, H, W, dr: tl.constexpr, dc: tl.constexpr):
 
 # ---------------------------------------------------------------- neighbour cosines
 @triton.jit
+def _shifted_channels(s_ptr, offs_c, c_ok, r, cl, H, W, N, dr: tl.constexpr, dc: tl.constexpr):
+    """s[c, n + o] for this channel chunk and every cell n, [BLOCK_C, BLOCK_P]; 0 where
+    n + o leaves the grid or c >= C."""
+    idx, ok = _neighbour(r, cl, H, W, dr, dc)
+    return tl.load(s_ptr + offs_c[:, None] * N + idx[None, :], mask=c_ok[:, None] & ok[None, :], other=0.0)
+
+
+@triton.jit
 def _cosine_offset(s_ptr, offs_c, c_ok, r, cl, H, W, N, here, dr: tl.constexpr, dc: tl.constexpr):
     """(<s_n, s_{n+o}> partial over this channel chunk, |s_{n+o}|^2 partial)."""
-    idx, ok = _neighbour(r, cl, H, W, dr, dc)
-    there = tl.load(s_ptr + offs_c[:, None] * N + idx[None, :], mask=c_ok[:, None] & ok[None, :], other=0.0)
+    there = _shifted_channels(s_ptr, offs_c, c_ok, r, cl, H, W, N, dr, dc)
     return tl.sum(here * there, axis=0), tl.sum(there * there, axis=0)
 
 
@@ -113,11 +120,8 @@ def neighbour_cosine_fwd_kernel(
 @triton.jit
 def _cosine_grad_offset(s_ptr, coef_ptr, offs_c, c_ok, r, cl, H, W, N, dr: tl.constexpr, dc: tl.constexpr):
     """coef_k[n] s_{n+o} + coef_k[n-o] s_{n-o} for this channel chunk, [BLOCK_C, BLOCK_P]."""
-    rows = s_ptr + offs_c[:, None] * N
-    idx, ok = _neighbour(r, cl, H, W, dr, dc)
-    plus = tl.load(rows + idx[None, :], mask=c_ok[:, None] & ok[None, :], other=0.0)
-    idx, ok = _neighbour(r, cl, H, W, -dr, -dc)
-    minus = tl.load(rows + idx[None, :], mask=c_ok[:, None] & ok[None, :], other=0.0)
+    plus = _shifted_channels(s_ptr, offs_c, c_ok, r, cl, H, W, N, dr, dc)
+    minus = _shifted_channels(s_ptr, offs_c, c_ok, r, cl, H, W, N, -dr, -dc)
     coef_here = _shifted(coef_ptr, r, cl, H, W, 0, 0)
     coef_minus = _shifted(coef_ptr, r, cl, H, W, -dr, -dc)
     return coef_here[None, :] * plus + coef_minus[None, :] * minus

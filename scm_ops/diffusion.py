@@ -190,7 +190,7 @@ class ActivationDiffusion(nn.Module):
         block's E equals the first block's, in value and, the cosine being homogeneous of
         degree 0, in gradient. So the neighbour cosines are computed once, and S is scaled
         once at the end by the product of the (1 + tau)."""
-        B, H, W = f.shape
+        H, W = f.shape[1:]
         offsets = OFFSETS[self.connectivity]
         valid, degree = grid_masks(H, W, self.connectivity, s.dtype, s.device)
         slot = GradSlot()  # the backward holds one gradient of S, not two
@@ -208,8 +208,7 @@ class ActivationDiffusion(nn.Module):
                 if checks_enabled():
                     self._raise_if_divergent(eigenvalues.abs().amax(1), block, lam[block])
             else:
-                x = self._newton_schulz(stencil_to_dense(w, d, offsets), p, block, lam[block], backend)
-                u = (x.transpose(1, 2) @ f.reshape(B, H * W, 1)).reshape(B, H, W)
+                u = self._newton_schulz_apply(stencil_to_dense(w, d, offsets), f, p, block, lam[block], backend)
             tau = self._update(f, u, beta[block])
             f = f + tau
             scale = scale * (1 + tau)
@@ -221,19 +220,20 @@ class ActivationDiffusion(nn.Module):
         for block, p in enumerate(self.iterations):
             e = cosine_similarity(s.reshape(B, C, H * W).transpose(1, 2), backend=backend)
             L = spatial_semantic_laplacian(e, (H, W), lam[block], self.connectivity, backend=backend)
-            x = self._newton_schulz(L, p, block, lam[block], backend)
-            u = (x.transpose(1, 2) @ f.reshape(B, H * W, 1)).reshape(B, H, W)
+            u = self._newton_schulz_apply(L, f, p, block, lam[block], backend)
             tau = self._update(f, u, beta[block])
             f = f + tau
             s = s * (1 + tau[:, None])
         return f, s
 
-    def _newton_schulz(self, L, p, block, lam, backend):
-        """X_p of a block's dense L, naming the block if it diverges."""
+    def _newton_schulz_apply(self, L, f, p, block, lam, backend):
+        """u = M F with M = X_p^T from Newton-Schulz on a block's dense L [B, N, N], for
+        f [B, H, W]; names the block if the iteration diverges."""
         try:
-            return newton_schulz_inverse(L, p, self.alpha, detach_init=not self.exact_gradients, backend=backend)
+            x = newton_schulz_inverse(L, p, self.alpha, detach_init=not self.exact_gradients, backend=backend)
         except NewtonSchulzDivergenceError as err:
             raise NewtonSchulzDivergenceError(f"block {block} (lam={float(lam.detach()):.4g}): {err}") from None
+        return (x.transpose(1, 2) @ f.reshape(*L.shape[:2], 1)).reshape(f.shape)
 
     # -- divergence detection ----------------------------------------------------------
     def _check_convergence_stencil(self, w, d, offsets, block, lam):
