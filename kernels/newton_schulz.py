@@ -20,10 +20,13 @@ def bmm_axpby_kernel(
     stride_ab, stride_am, stride_ak,
     stride_bb, stride_bk, stride_bn,
     stride_cb, stride_cm, stride_cn,
+    stride_ob, stride_om, stride_on,
     HAS_C: tl.constexpr, IS_FP64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), batch); out is contiguous [batch, M, N]."""
+    """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), batch). Every operand, out included, is
+    addressed through its strides (out may be a transposed view, or C itself: each program
+    reads its tile of C before it writes the same tile of out)."""
     acc_t = tl.float64 if IS_FP64 else tl.float32
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -47,5 +50,5 @@ def bmm_axpby_kernel(
         c = tl.load(c_ptr + pid_b * stride_cb + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
                     mask=inside, other=0.0).to(acc_t)
         acc += beta * c
-    tl.store(out_ptr + pid_b * M * N + offs_m[:, None] * N + offs_n[None, :],
+    tl.store(out_ptr + pid_b * stride_ob + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=inside)

@@ -29,7 +29,7 @@ KERNELS = {
     },
     # Newton-Schulz runs its products in the accumulation dtype.
     "newton_schulz": {
-        "bmm_axpby_kernel": ["*acc"] * 4 + ["i32"] * 3 + ["fp32"] * 2 + ["i32"] * 9,
+        "bmm_axpby_kernel": ["*acc"] * 4 + ["i32"] * 3 + ["fp32"] * 2 + ["i32"] * 12,
     },
     "stencil": {
         "neighbour_cosine_fwd_kernel": ["*in"] * 3 + ["i32"] * 3,

@@ -40,7 +40,8 @@ def _bmm_torch(a, b, scale=1.0, c=None, c_scale=0.0, out=None):
 def _bmm_triton(a, b, scale=1.0, c=None, c_scale=0.0, out=None):
     # scale and c_scale are passed to the kernel as float32 scalars: callers only use
     # values exact in float32 (+-1, 2), so float64 products stay float64-exact. `out` may
-    # be `c` itself: every program reads its tile of c before writing the same tile.
+    # be `c` itself: every program reads its tile of c before writing the same tile; an
+    # `out` that overlaps `c` with other strides (c transposed) would race, so it must not.
     kern = kernel_module("newton_schulz")
     cfg, launch = kernel_config(kern, a.dtype)
     batch, m, k = a.shape
@@ -50,7 +51,7 @@ def _bmm_triton(a, b, scale=1.0, c=None, c_scale=0.0, out=None):
     cc = out if c is None else c
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), batch)
     kern.bmm_axpby_kernel[grid](a, b, cc, out, m, n, k, scale, c_scale,
-                                *a.stride(), *b.stride(), *cc.stride(),
+                                *a.stride(), *b.stride(), *cc.stride(), *out.stride(),
                                 HAS_C=c is not None, IS_FP64=a.dtype == torch.float64,
                                 **cfg, **launch)
     return out
@@ -80,7 +81,9 @@ def newton_schulz_bwd(grad_x, l, xs, ts, alpha, detach_init, backend):
     bmm = _bmm(backend)
     lt = lc.transpose(1, 2)
     g = grad_x.to(xs.dtype)
-    grad_l = torch.zeros_like(lc)
+    # Contiguous, whatever L's strides: zeros_like would copy the strides of a transposed L
+    # (the product writes dL -= H X^T in place, through out's strides).
+    grad_l = lc.new_zeros(lc.shape)
     for k in range(xs.shape[0] - 1, -1, -1):
         xkt = xs[k].transpose(1, 2)
         h = bmm(xkt, g)                                      # H = X^T G
