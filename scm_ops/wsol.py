@@ -17,8 +17,8 @@ over IoU 0.3, 0.5 and 0.7.
 
 From map to boxes (``normalize_map`` then ``boxes_at_thresholds``):
 
-1. The class map is resized to the image (bicubic) and min-max normalised to [0, 1]; a
-   constant map becomes all zeros. A map containing NaN or inf is rejected (ValueError).
+1. The class map is converted to float64, resized to the image (bicubic) and min-max
+   normalised to [0, 1]; a map that is constant after resizing becomes all zeros. A map containing NaN or inf is rejected (ValueError).
 2. The normalised map is quantised to 8 bits, q = floor(255 * map) (numpy's uint8 cast).
 3. At threshold tau a pixel is foreground when q > int(tau * max q) (strictly greater).
 4. Each outer or inner contour of the foreground (OpenCV, full hierarchy) gives the box
@@ -101,10 +101,11 @@ def box_iou(boxes_a, boxes_b) -> np.ndarray:
 
 def normalize_map(cam, image_size) -> np.ndarray:
     """A class map [h, w] resized to image_size = (H, W) with bicubic interpolation, then
-    min-max normalised: float32 [H, W] in [0, 1] whose maximum is exactly 1, or all zeros
-    for a constant map. Raises ValueError if cam contains NaN or inf."""
+    min-max normalised: float64 [H, W] in [0, 1] whose maximum is exactly 1, or all zeros
+    for a constant map. Computed in float64, as the reference protocol converts maps to
+    float64 first. Raises ValueError if cam contains NaN or inf."""
     import cv2
-    cam = np.asarray(cam, dtype=np.float32)
+    cam = np.asarray(cam, dtype=np.float64)
     if cam.ndim != 2:
         raise ValueError(f"cam must be a 2-D map [h, w], got shape {list(cam.shape)}")
     if not np.isfinite(cam).all():
@@ -214,13 +215,11 @@ class BoxEvaluator:
         for i, cam in enumerate(class_maps):
             gt = _as_boxes(gt_boxes[i], f"gt_boxes[{i}]")
             scaled = normalize_map(cam, self.image_size)
-            largest, best = [], []
-            for boxes, k in _contour_boxes(scaled, self.thresholds):
-                iou = box_iou(boxes, gt).max(1)
-                largest.append(iou[k])
-                best.append(iou.max())
-            self.iou_largest.append(largest)
-            self.iou_any.append(best)
+            per_tau = _contour_boxes(scaled, self.thresholds)
+            iou = box_iou(np.concatenate([boxes for boxes, _ in per_tau]), gt).max(1)  # one IoU per box
+            start = np.cumsum([0] + [len(boxes) for boxes, _ in per_tau])
+            self.iou_largest.append([iou[s + k] for s, (_, k) in zip(start, per_tau)])
+            self.iou_any.append([iou[s:e].max() for s, e in zip(start[:-1], start[1:])])
         if logits is not None:
             self.accumulate_classification(gt_labels, logits)
 

@@ -116,7 +116,7 @@ def test_empty_and_constant_maps_give_the_origin_box(value):
 
 def test_normalize_map_range_and_nan():
     m = normalize_map(np.arange(16, dtype=np.float32).reshape(4, 4), (8, 8))
-    assert m.shape == (8, 8) and m.dtype == np.float32 and m.min() == 0 and m.max() == 1
+    assert m.shape == (8, 8) and m.dtype == np.float64 and m.min() == 0 and m.max() == 1
     with pytest.raises(ValueError, match="cam contains NaN"):
         normalize_map(np.array([[0.0, np.nan], [1.0, 2.0]]), (8, 8))
 
