@@ -13,6 +13,15 @@ CONFIGS = {
     "fp64": dict(BLOCK_N=32, BLOCK_D=16, num_warps=4),
 }
 
+# Ahead-of-time check (python -m scm_ops.aot): per kernel, the types of its run-time
+# arguments ("*in": pointer of the input dtype, "*acc": of the accumulation dtype, "i32",
+# "fp32"), the input dtypes its launcher passes (default all four) and the values each
+# constexpr that is not in CONFIGS takes at launch (IS_FP64 follows the dtype).
+AOT = {
+    "cosine_fwd_kernel": dict(args=["*in", "*in", "*acc", "i32", "i32"] + ["i32"] * 6),
+    "cosine_bwd_kernel": dict(args=["*in", "*in", "*in", "*acc", "*in", "i32", "i32"] + ["i32"] * 9),
+}
+
 
 @triton.jit
 def cosine_fwd_kernel(

@@ -12,6 +12,17 @@ CONFIGS = {
     "fp64": dict(BLOCK=32, num_warps=4),
 }
 
+# Ahead-of-time check (python -m scm_ops.aot): per kernel, the types of its run-time
+# arguments ("*in": pointer of the input dtype, "*acc": of the accumulation dtype, "i32",
+# "fp32"), the input dtypes its launcher passes (default all four) and the values each
+# constexpr that is not in CONFIGS takes at launch (IS_FP64 follows the dtype).
+AOT = {
+    "laplacian_fwd_kernel": dict(args=["*in", "*in", "*in", "i32", "i32", "i32"] + ["i32"] * 3,
+                                 choices={"EIGHT_NEIGHBOURS": (False, True)}),
+    "laplacian_bwd_kernel": dict(args=["*in", "*in", "*in", "*in", "*acc", "i32", "i32", "i32"] + ["i32"] * 6,
+                                 choices={"EIGHT_NEIGHBOURS": (False, True)}),
+}
+
 
 @triton.jit
 def _grid_stencil(offs_i, offs_j, H, W, EIGHT_NEIGHBOURS: tl.constexpr):

@@ -13,6 +13,16 @@ CONFIGS = {
     "fp64": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=2),
 }
 
+# Ahead-of-time check (python -m scm_ops.aot): per kernel, the types of its run-time
+# arguments ("*in": pointer of the input dtype, "*acc": of the accumulation dtype, "i32",
+# "fp32"), the input dtypes its launcher passes (default all four) and the values each
+# constexpr that is not in CONFIGS takes at launch (IS_FP64 follows the dtype).
+# Newton-Schulz runs its products in the accumulation dtype.
+AOT = {
+    "bmm_axpby_kernel": dict(args=["*acc"] * 4 + ["i32"] * 3 + ["fp32"] * 2 + ["i32"] * 12, dtypes=("fp32", "fp64"),
+                             choices={"HAS_C": (False, True)}),
+}
+
 
 @triton.jit
 def bmm_axpby_kernel(

@@ -1,125 +1,178 @@
 """Ahead-of-time compilation of every Triton kernel configuration the launchers choose.
 
-Compiles each kernel, for each input dtype and its block configuration, for sm_80 (A100)
-and sm_90 (H100/H200) with an explicit ``GPUTarget`` (no GPU needed) and checks that the
-shared memory it asks for fits the chip. Run as ``python -m scm_ops.aot`` (exit status 1
-on any failure); it must run without TRITON_INTERPRET, which turns kernels into Python.
+Each kernel module in ``scm_ops.kernels`` (and its sub-packages) declares, next to its
+kernels, an ``AOT`` table: per kernel the types of its run-time arguments, the input dtypes
+its launcher passes and the values of every constexpr that varies at launch (block sizes
+the launcher derives from the input, flags); ``CONFIGS`` gives the fixed block sizes and
+launch options. This module compiles every combination for sm_80 (A100) and sm_90
+(H100/H200) with an explicit ``GPUTarget`` (no GPU needed), reads the resources of the
+compiled cubin (``cuobjdump --dump-resource-usage``: registers per thread, stack frame,
+shared memory) and checks them against budgets:
+
+- shared memory within the chip's opt-in maximum per block;
+- no register spills: for a kernel with a stack frame the spill stores and loads are read
+  from ``ptxas -v`` (with Triton's flags) and must be 0 bytes, unless the kernel's AOT
+  entry states ``max_spill_bytes`` (with the reason next to it);
+- registers within ``max_registers`` where the kernel states one (the hardware allows 255).
+
+Run as ``python -m scm_ops.aot [--json FILE]`` (exit status 1 on any failure); it must run
+without TRITON_INTERPRET, which turns kernels into Python.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import itertools
 import json
+import os
+import pkgutil
+import re
+import subprocess
 import sys
+import tempfile
 
 # Shared memory one block may use (opt-in maximum), bytes.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+CAPABILITIES = (80, 90)
 INPUT_DTYPES = ("fp16", "bf16", "fp32", "fp64")
-
-# kernel module -> kernel name -> ordered arguments. Pointer roles: "in" has the input's
-# dtype, "acc" the accumulation dtype (fp32, fp64 for fp64 inputs); "i32" integer scalars;
-# "fp32" float scalars; constexprs are filled from the launcher's config.
-KERNELS = {
-    "cosine": {
-        "cosine_fwd_kernel": ["*in", "*in", "*acc", "i32", "i32"] + ["i32"] * 6,
-        "cosine_bwd_kernel": ["*in", "*in", "*in", "*acc", "*in", "i32", "i32"] + ["i32"] * 9,
-    },
-    "laplacian": {
-        "laplacian_fwd_kernel": ["*in", "*in", "*in", "i32", "i32", "i32"] + ["i32"] * 3,
-        "laplacian_bwd_kernel": ["*in", "*in", "*in", "*in", "*acc", "i32", "i32", "i32"] + ["i32"] * 6,
-    },
-    # Newton-Schulz runs its products in the accumulation dtype.
-    "newton_schulz": {
-        "bmm_axpby_kernel": ["*acc"] * 4 + ["i32"] * 3 + ["fp32"] * 2 + ["i32"] * 12,
-    },
-    "stencil": {
-        "neighbour_cosine_fwd_kernel": ["*in"] * 3 + ["i32"] * 3,
-        "neighbour_cosine_bwd_kernel": ["*in"] * 4 + ["i32"] * 3,
-        "stencil_series_fwd_kernel": ["*in"] * 8 + ["i32"] * 4,
-        "stencil_series_bwd_kernel": ["*in"] * 10 + ["i32"] * 4,
-    },
-}
-# Input dtypes per module (default INPUT_DTYPES): Newton-Schulz runs its products in the
-# accumulation dtype; the structured path (ActivationDiffusion) takes float32 and float64.
-MODULE_DTYPES = {"newton_schulz": ("fp32", "fp64"), "stencil": ("fp32", "fp64")}
-# Constexprs that take several values at run time: flags, and sizes the launcher derives
-# from the input (BLOCK_N of the series: the next power of two >= H * W; 256 covers the
-# published 14 x 14 grid, 1024 grids up to 32 x 32).
-FLAGS = {"EIGHT_NEIGHBOURS": (False, True), "HAS_C": (False, True), "EXACT": (False, True)}
-LAUNCH_SIZES = {"stencil": {"BLOCK_N": (256, 1024)}}
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
-def _variants(module, kernel_fn, dtype: str):
-    """(signature, constexprs, options) for every launch the launchers can make."""
-    import itertools
+def kernel_modules():
+    """Every module under scm_ops.kernels that declares an AOT table, by dotted name relative
+    to scm_ops.kernels (the name the launchers pass to _common.kernel_module)."""
+    package = importlib.import_module("scm_ops.kernels")
+    for info in pkgutil.walk_packages(package.__path__, prefix="scm_ops.kernels."):
+        module = importlib.import_module(info.name)
+        if hasattr(module, "AOT"):
+            yield info.name[len("scm_ops.kernels."):], module
 
+
+def variants(module, kernel_name: str):
+    """(input dtype, constexprs, launch options) of every launch the launchers can make."""
+    fn = getattr(module, kernel_name)
+    entry = module.AOT[kernel_name]
+    names = fn.arg_names
+    constexpr_names = [n for i, n in enumerate(names) if fn.params[i].is_constexpr]
+    choices = entry.get("choices", {})
+    for dtype in entry.get("dtypes", INPUT_DTYPES):
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        table = module.CONFIGS.get(kernel_name, module.CONFIGS)
+        cfg = dict(table[acc])
+        options = {k: cfg.pop(k) for k in LAUNCH_OPTIONS if k in cfg}
+        fixed = {k: v for k, v in dict(cfg, IS_FP64=dtype == "fp64").items() if k in constexpr_names}
+        for values in itertools.product(*choices.values()):
+            constexprs = dict(fixed, **dict(zip(choices, values)))
+            missing = set(constexpr_names) - set(constexprs)
+            if missing:
+                raise RuntimeError(f"{kernel_name}: no value for constexpr {sorted(missing)}; add it to the "
+                                   "kernel's CONFIGS or to the choices of its AOT entry")
+            yield dtype, constexprs, options
+
+
+def signature(module, kernel_name: str, dtype: str) -> dict:
+    fn = getattr(module, kernel_name)
+    arg_types = module.AOT[kernel_name]["args"]
+    runtime = [n for i, n in enumerate(fn.arg_names) if not fn.params[i].is_constexpr]
+    if len(runtime) != len(arg_types):
+        raise RuntimeError(f"{kernel_name}: {len(runtime)} run-time arguments, its AOT entry lists {len(arg_types)}")
     acc = "fp64" if dtype == "fp64" else "fp32"
-    cfg = dict(module.CONFIGS[acc])
-    options = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-    names = list(kernel_fn.arg_names)
-    constexpr_names = [kernel_fn.params[i].name for i in range(len(names)) if kernel_fn.params[i].is_constexpr]
-    runtime = [n for n in names if n not in constexpr_names]
-    choices = dict(FLAGS, **LAUNCH_SIZES.get(module.__name__.rsplit(".", 1)[-1], {}))
-    varying = [n for n in constexpr_names if n in choices]
-    fixed = {k: v for k, v in dict(cfg, IS_FP64=dtype == "fp64").items() if k in constexpr_names}
-    for values in itertools.product(*(choices[f] for f in varying)):
-        constexprs = dict(fixed, **dict(zip(varying, values)))
-        missing = set(constexpr_names) - set(constexprs)
-        if missing:
-            raise RuntimeError(f"{kernel_fn.__name__}: no value for constexpr {sorted(missing)}")
-        yield runtime, constexpr_names, constexprs, options
+    sig = {n: t.replace("in", dtype).replace("acc", acc) for n, t in zip(runtime, arg_types)}
+    sig.update({n: "constexpr" for i, n in enumerate(fn.arg_names) if fn.params[i].is_constexpr})
+    return sig
 
 
-def compile_all(capabilities=(80, 90)) -> list[dict]:
-    import importlib
+def cubin_resources(cubin: bytes) -> dict:
+    """Registers per thread, stack frame and shared memory (bytes) of a one-kernel cubin."""
+    from triton import knobs
 
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    if not found:
+        raise RuntimeError(f"cannot read the resource usage of a cubin:\n{out}")
+    reg, stack, shared, local = map(int, found.groups())
+    return dict(registers=reg, stack_bytes=stack, static_shared_bytes=shared, local_bytes=local)
+
+
+def spill_bytes(ptx: str, capability: int) -> tuple[int, int]:
+    """(spill stores, spill loads) in bytes, from ptxas -v with Triton's own flags."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+                              f"--gpu-name={sm_arch_from_capability(capability)}", src, "-o", src + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+    found = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+
+
+def compile_all(capabilities=CAPABILITIES) -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     rows = []
-    for mod_name, kernels in KERNELS.items():
-        module = importlib.import_module(f"scm_ops.kernels.{mod_name}")
-        for kname, arg_types in kernels.items():
+    for mod_name, module in kernel_modules():
+        for kname, entry in module.AOT.items():
             fn = getattr(module, kname)
-            dtypes = MODULE_DTYPES.get(mod_name, INPUT_DTYPES)
-            for dtype in dtypes:
-                acc = "fp64" if dtype == "fp64" else "fp32"
-                for runtime, cnames, constexprs, options in _variants(module, fn, dtype):
-                    if len(runtime) != len(arg_types):
-                        raise RuntimeError(f"{kname}: {len(runtime)} runtime args, table has {len(arg_types)}")
-                    types = [t.replace("in", dtype).replace("acc", acc) for t in arg_types]
-                    signature = dict(zip(runtime, types))
-                    signature.update({n: "constexpr" for n in cnames})
-                    for cap in capabilities:
-                        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-                        compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
-                        shared = int(compiled.metadata.shared)
-                        flags = {k: v for k, v in constexprs.items() if k in FLAGS or k == "IS_FP64"}
-                        rows.append(dict(kernel=kname, dtype=dtype, sm=cap, shared_bytes=shared,
-                                         limit_bytes=SHARED_MEMORY_LIMIT[cap],
-                                         fits=shared <= SHARED_MEMORY_LIMIT[cap],
-                                         config={k: v for k, v in constexprs.items()
-                                                 if k.startswith("BLOCK")} | options | flags))
+            for dtype, constexprs, options in variants(module, kname):
+                sig = signature(module, kname, dtype)
+                for cap in capabilities:
+                    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+                    compiled = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=options)
+                    res = cubin_resources(compiled.asm["cubin"])
+                    shared = int(compiled.metadata.shared)
+                    stores, loads = spill_bytes(compiled.asm["ptx"], cap) if res["stack_bytes"] else (0, 0)
+                    row = dict(module=mod_name, kernel=kname, dtype=dtype, sm=cap, shared_bytes=shared,
+                               registers=res["registers"], stack_bytes=res["stack_bytes"],
+                               spill_store_bytes=stores, spill_load_bytes=loads,
+                               config=dict({k: v for k, v in constexprs.items() if k != "IS_FP64"}, **options))
+                    row["problems"] = problems(row, entry, cap)
+                    rows.append(row)
     return rows
+
+
+def problems(row: dict, entry: dict, capability: int) -> list[str]:
+    """What in one compiled configuration breaks its budgets ([] when it fits)."""
+    out = []
+    if row["shared_bytes"] > SHARED_MEMORY_LIMIT[capability]:
+        out.append(f"shared memory {row['shared_bytes']} B > {SHARED_MEMORY_LIMIT[capability]} B")
+    spills = row["spill_store_bytes"] + row["spill_load_bytes"]
+    if spills > entry.get("max_spill_bytes", 0):
+        out.append(f"register spills: {row['spill_store_bytes']} B stored, {row['spill_load_bytes']} B loaded "
+                   f"(stack frame {row['stack_bytes']} B) > budget {entry.get('max_spill_bytes', 0)} B")
+    if row["registers"] > entry.get("max_registers", 255):
+        out.append(f"{row['registers']} registers > budget {entry.get('max_registers', 255)}")
+    return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the table as JSON to this file")
     args = parser.parse_args(argv)
-    import os
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter does not compile kernels", file=sys.stderr)
         return 2
     rows = compile_all()
     for r in rows:
-        print(f"{r['kernel']:24s} {r['dtype']:5s} sm_{r['sm']} shared {r['shared_bytes']:6d} B "
-              f"/ {r['limit_bytes']} {'ok' if r['fits'] else 'TOO LARGE'}  {r['config']}")
+        verdict = "ok" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])
+        print(f"{r['kernel']:28s} {r['dtype']:5s} sm_{r['sm']} regs {r['registers']:3d} stack {r['stack_bytes']:5d} B "
+              f"shared {r['shared_bytes']:6d} B  {verdict}  {r['config']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    bad = [r for r in rows if not r["fits"]]
-    print(f"{len(rows)} kernel configurations compiled, {len(bad)} over the shared-memory limit")
+    bad = [r for r in rows if r["problems"]]
+    print(f"{len(rows)} kernel configurations compiled for sm_{'/sm_'.join(map(str, CAPABILITIES))}, "
+          f"{len(bad)} over budget")
     return 1 if bad else 0
 
 

@@ -47,7 +47,7 @@ def _cosine_bwd_triton(grad_e, e, x, rnorm):
     grad_x = torch.empty(B, N, D, device=x.device, dtype=x.dtype)
     if grad_x.numel() == 0:
         return grad_x
-    cfg, launch = kernel_config(kern, x.dtype)
+    cfg, launch = kernel_config(kern, x.dtype, "cosine_bwd_kernel")
     grid = (cdiv(N, cfg["BLOCK_N"]), cdiv(D, cfg["BLOCK_D"]), B)
     kern.cosine_bwd_kernel[grid](grad_e, e, x, rnorm, grad_x, N, D,
                                  *grad_e.stride(), *e.stride(), *x.stride(),

@@ -8,8 +8,8 @@ from ._common import check_float_tensor, check_same, checks_enabled, resolve_bac
 from .cosine import cosine_similarity
 from .laplacian import spatial_semantic_laplacian
 from .newton_schulz import NewtonSchulzDivergenceError, divergence, newton_schulz_inverse
-from .stencil import (OFFSETS, GradSlot, NeighbourCosine, ScalePatches, SpectralFilter, Stencil, StencilSeries,
-                      grid_masks, stencil_to_dense)
+from .structured import (OFFSETS, GradSlot, NeighbourCosine, ScalePatches, SpectralFilter, Stencil, StencilSeries,
+                         grid_masks, stencil_to_dense)
 
 __all__ = ["ActivationDiffusion", "attention_map_from_blocks", "localization_map", "minmax_normalize"]
 

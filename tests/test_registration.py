@@ -51,8 +51,11 @@ def test_every_kernel_configuration_compiles_for_sm80_and_sm90(tmp_path):
     import json
     rows = json.loads(out.read_text())
     assert {r["sm"] for r in rows} == {80, 90}
-    assert {r["kernel"] for r in rows} == {"cosine_fwd_kernel", "cosine_bwd_kernel", "laplacian_fwd_kernel",
+    assert {r["kernel"] for r in rows} >= {"cosine_fwd_kernel", "cosine_bwd_kernel", "laplacian_fwd_kernel",
                                            "laplacian_bwd_kernel", "bmm_axpby_kernel",
                                            "neighbour_cosine_fwd_kernel", "neighbour_cosine_bwd_kernel",
                                            "stencil_series_fwd_kernel", "stencil_series_bwd_kernel"}
-    assert all(r["fits"] for r in rows)
+    # every block size the series launcher can choose is compiled
+    assert {r["config"]["BLOCK_N"] for r in rows if r["kernel"] == "stencil_series_fwd_kernel"} == {256, 512, 1024}
+    over = [(r["kernel"], r["dtype"], r["sm"], r["config"], r["problems"]) for r in rows if r["problems"]]
+    assert not over, over

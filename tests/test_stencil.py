@@ -1,11 +1,11 @@
-"""The structured fast path's pieces (scm_ops.stencil) on both backends, against the dense
+"""The structured fast path's pieces (scm_ops.structured) on both backends, against the dense
 references: neighbour cosines against the full cosine matrix, the matrix-free series
 against Newton-Schulz on the dense L, and gradcheck of each."""
 import pytest
 import torch
 
 from scm_ops.reference import cosine_similarity_ref, newton_schulz_inverse_ref
-from scm_ops.stencil import OFFSETS, NeighbourCosine, StencilSeries, grid_masks, stencil_to_dense
+from scm_ops.structured import OFFSETS, NeighbourCosine, StencilSeries, grid_masks, stencil_to_dense
 from scm_ops.testing import TOLERANCE, assert_rel_rmse
 
 GRID = (4, 5)

@@ -1,0 +1,130 @@
+"""The grid stencil that every structured piece works on (docs/structured.md, "The stencil").
+
+For the symmetric L an activation diffusion block builds, L is a stencil on the H x W grid:
+
+    (L x)[n] = d[n] x[n] + sum_k ( w_k[n] x[n + o_k] + w_k[n - o_k] x[n - o_k] )
+
+with one weight plane w_k [B, H, W] per neighbour offset o_k (2 for 4-neighbour grids, 4
+for 8-neighbour grids; w_k[n] = L[n, n + o_k], zero where n + o_k leaves the grid) and the
+diagonal d [B, H, W]. This module holds the stencil's PyTorch form: products, Gershgorin
+row sums, the dense matrix (for references and the dense routes), and the reading of an
+outer-product gradient at the stencil's entries.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = ["OFFSETS", "Stencil", "grid_masks", "shift", "stencil_pair_sum", "stencil_to_dense",
+           "product_stencil_entries"]
+
+OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
+
+
+def _region(height: int, width: int, dr: int, dc: int):
+    """Slices (rows, cols) of the cells n whose neighbour n + (dr, dc) is on the grid, and of
+    those neighbours."""
+    r0, r1 = max(0, -dr), min(height, height - dr)
+    c0, c1 = max(0, -dc), min(width, width - dc)
+    return (slice(r0, r1), slice(c0, c1)), (slice(r0 + dr, r1 + dr), slice(c0 + dc, c1 + dc))
+
+
+def shift(x: torch.Tensor, dr: int, dc: int) -> torch.Tensor:
+    """y[..., r, c] = x[..., r + dr, c + dc], zero where that leaves the grid."""
+    here, there = _region(*x.shape[-2:], dr, dc)
+    y = torch.zeros_like(x)
+    y[..., here[0], here[1]] = x[..., there[0], there[1]]
+    return y
+
+
+@functools.lru_cache(maxsize=32)
+def _grid_masks(height: int, width: int, connectivity: int, dtype, device):
+    """(valid [K, H, W]: neighbour n + o_k exists, degree [H, W])."""
+    ones = torch.ones(height, width, dtype=dtype, device=device)
+    valid = torch.stack([shift(ones, dr, dc) for dr, dc in OFFSETS[connectivity]])
+    degree = valid.sum(0) + torch.stack([shift(v, -dr, -dc) for v, (dr, dc)
+                                         in zip(valid, OFFSETS[connectivity])]).sum(0)
+    return valid, degree
+
+
+def grid_masks(height, width, connectivity, dtype, device):
+    return _grid_masks(height, width, connectivity, dtype, torch.device(device))
+
+
+class Stencil:
+    """A symmetric stencil operator L on an H x W grid, for repeated products L x.
+
+    Built from w [B, K, H, W] (w_k[n] = L[n, n + o_k]) and d [B, H, W]. A product is the
+    diagonal term plus, per offset, two in-place multiply-adds on the sub-grids of cells
+    whose neighbour exists (slices, no padding or stacking: the cheapest form on a CPU).
+    """
+
+    def __init__(self, w: torch.Tensor, d: torch.Tensor, offsets):
+        H, W = d.shape[-2:]
+        self.d = d
+        self.terms = []
+        for k, (dr, dc) in enumerate(offsets):
+            here, there = _region(H, W, dr, dc)
+            self.terms.append((here, there, w[:, k, here[0], here[1]].contiguous()))
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        """L x for x [B, H, W]."""
+        y = self.d * x
+        for here, there, wk in self.terms:
+            y[:, here[0], here[1]].addcmul_(wk, x[:, there[0], there[1]])
+            y[:, there[0], there[1]].addcmul_(wk, x[:, here[0], here[1]])
+        return y
+
+    def abs_row_sums(self) -> torch.Tensor:
+        """sum_j |L[n, j]| per cell, [B, H, W] (Gershgorin radii plus |diagonal|)."""
+        y = self.d.abs()
+        for here, there, wk in self.terms:
+            y[:, here[0], here[1]] += wk.abs()
+            y[:, there[0], there[1]] += wk.abs()
+        return y
+
+
+def stencil_pair_sum(p: torch.Tensor, q: torch.Tensor, dr: int, dc: int) -> torch.Tensor:
+    """For G = sum_j p_j q_j^T (p, q [J, B, H, W]): G[n, n + o] + G[n + o, n], [B, H, W]."""
+    return (p * shift(q, dr, dc) + shift(p, dr, dc) * q).sum(0)
+
+
+def _neighbour_pairs(height: int, width: int, offsets, device):
+    """Per offset k: (k, region of cells n with a neighbour n + o_k, flat indices of n, of n + o_k)."""
+    idx = torch.arange(height * width, device=device).reshape(height, width)
+    for k, (dr, dc) in enumerate(offsets):
+        here, there = _region(height, width, dr, dc)
+        yield k, here, idx[here].reshape(-1), idx[there].reshape(-1)
+
+
+def stencil_to_dense(w: torch.Tensor, d: torch.Tensor, offsets) -> torch.Tensor:
+    """The dense symmetric [B, N, N] matrix of a stencil."""
+    B, _, H, W = w.shape
+    dense = torch.diag_embed(d.reshape(B, H * W))
+    for k, here, rows, cols in _neighbour_pairs(H, W, offsets, w.device):
+        vals = w[:, k, here[0], here[1]].reshape(B, -1)
+        dense[:, rows, cols] = vals
+        dense[:, cols, rows] = vals
+    return dense
+
+
+def product_stencil_entries(p: torch.Tensor, q: torch.Tensor, height: int, width: int, offsets):
+    """For G = P Q^T (P, Q [B, N, N]), on the stencil only, without forming G:
+    (G[n, n + o_k] + G[n + o_k, n] as [B, K, H, W], the diagonal G[n, n] as [B, H, W]).
+    Each entry is a dot product of two rows; with the flat offset m = dr W + dc > 0 the
+    pairs (n, n + m) are the rows of two contiguous slabs, masked where n + o_k leaves
+    the grid (a column wrap)."""
+    B, N, _ = p.shape
+    valid, _ = grid_masks(height, width, len(offsets) * 2, p.dtype, p.device)
+    pairs = p.new_zeros(B, len(offsets), N)
+    for k, (dr, dc) in enumerate(offsets):
+        m = dr * width + dc
+        dots = _row_dots(p[:, :N - m], q[:, m:]) + _row_dots(p[:, m:], q[:, :N - m])
+        pairs[:, k, :N - m] = dots * valid[k].reshape(-1)[:N - m]
+    return pairs.reshape(B, len(offsets), height, width), _row_dots(p, q).reshape(B, height, width)
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """(a * b).sum(-1) for [B, n, N] tensors, a few batch items at a time (small temporaries)."""
+    return torch.cat([(a[i:i + chunk] * b[i:i + chunk]).sum(-1) for i in range(0, a.shape[0], chunk)])
