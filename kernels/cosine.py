@@ -7,10 +7,22 @@ same answer as the CPU interpreter instead of tf32's 10-bit mantissa.
 import triton
 import triton.language as tl
 
-# (BLOCK_N, BLOCK_D, num_warps) per accumulation dtype; the launcher uses exactly these.
+# (BLOCK_N, BLOCK_D, num_warps) per kernel and accumulation dtype ("fp32" serves float16,
+# bfloat16 and float32 inputs); the launchers use exactly these. Chosen so that no
+# configuration spills registers on sm_80 or sm_90 (python -m scm_ops.aot). The backward
+# keeps a [BLOCK_N, BLOCK_D] accumulator and reloads its [BLOCK_N, N] rows of dE, dE^T and E
+# once per channel tile, so it takes a wide channel tile (4 tiles at D = 200, not 7) and
+# fewer rows (BLOCK_N = 64 spilled kilobytes and needed 107 KB of shared memory). The
+# forward's float32 channel tile is 8: at 16 its correctly rounded division spills on sm_90.
 CONFIGS = {
-    "fp32": dict(BLOCK_N=64, BLOCK_D=32, num_warps=4),
-    "fp64": dict(BLOCK_N=32, BLOCK_D=16, num_warps=4),
+    "cosine_fwd_kernel": {
+        "fp32": dict(BLOCK_N=64, BLOCK_D=8, num_warps=4),
+        "fp64": dict(BLOCK_N=32, BLOCK_D=16, num_warps=8),
+    },
+    "cosine_bwd_kernel": {
+        "fp32": dict(BLOCK_N=32, BLOCK_D=64, num_warps=8),
+        "fp64": dict(BLOCK_N=32, BLOCK_D=16, num_warps=4),
+    },
 }
 
 # Ahead-of-time check (python -m scm_ops.aot): per kernel, the types of its run-time
@@ -21,6 +33,20 @@ AOT = {
     "cosine_fwd_kernel": dict(args=["*in", "*in", "*acc", "i32", "i32"] + ["i32"] * 6),
     "cosine_bwd_kernel": dict(args=["*in", "*in", "*in", "*acc", "*in", "i32", "i32"] + ["i32"] * 9),
 }
+
+
+@triton.jit
+def inverse_norm(sq, IS_FP64: tl.constexpr):
+    """1 / sqrt(sq) where sq > 0, else 0, correctly rounded: a GPU's default float32 sqrt
+    and division are approximate and flush subnormals, which turns a row with
+    0 < |x|^2 < 1.2e-38 into inf / NaN (float64 sqrt and division are always IEEE)."""
+    ok = sq > 0
+    safe = tl.where(ok, sq, 1.0)
+    if IS_FP64:
+        r = 1.0 / tl.sqrt(safe)
+    else:
+        r = tl.div_rn(tl.full(safe.shape, 1.0, tl.float32), tl.sqrt_rn(safe))
+    return tl.where(ok, r, 0.0)
 
 
 @triton.jit
@@ -55,8 +81,8 @@ def cosine_fwd_kernel(
         acc = tl.dot(xi, tl.trans(xj), acc, input_precision="ieee", out_dtype=acc_t)
         sq_i += tl.sum(xi * xi, axis=1)
         sq_j += tl.sum(xj * xj, axis=1)
-    r_i = tl.where(sq_i > 0, 1.0 / tl.sqrt(tl.where(sq_i > 0, sq_i, 1.0)), 0.0)
-    r_j = tl.where(sq_j > 0, 1.0 / tl.sqrt(tl.where(sq_j > 0, sq_j, 1.0)), 0.0)
+    r_i = inverse_norm(sq_i, IS_FP64)
+    r_j = inverse_norm(sq_j, IS_FP64)
     e = acc * r_i[:, None] * r_j[None, :]
     e_b = e_ptr + pid_b * stride_eb
     tl.store(e_b + offs_i[:, None] * stride_ei + offs_j[None, :] * stride_ej,
