@@ -9,6 +9,7 @@ import torch
 
 import scm_ops
 from scm_ops.reference import activation_diffusion_ref
+from scm_ops.structured import series_max_cells
 from scm_ops.testing import relative_rmse
 
 NAMES = ("attention", "semantic", "d/dattention", "d/dsemantic", "d/dlam", "d/dbeta")
@@ -148,10 +149,12 @@ def test_constructor_rejects_bad_arguments(kwargs, match):
 
 # ------------------------------------------------------------------ Triton, above 1024 cells
 def test_triton_grid_above_1024_cells_matches_torch(device):
-    """33 x 32 = 1056 cells: the Triton matrix-free kernels take grids up to 1024 cells, larger
-    ones the PyTorch steps; both backends must agree. One p = 4 block keeps the interpreter
+    """33 x 32 = 1056 cells: the Triton matrix-free kernel holds a grid of up to
+    series_max_cells() cells in one program, larger ones take the PyTorch steps (the
+    neighbour cosines stay on Triton); both backends must agree. One p = 4 block keeps the interpreter
     fast (the p = 16 block would need the N x N spectral form)."""
     grid = (33, 32)
+    assert grid[0] * grid[1] > series_max_cells()      # 1024 when written
     f, s = make_inputs(1, 2, grid, torch.float64, device)
     results = []
     for backend in ("torch", "triton"):
