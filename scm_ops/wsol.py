@@ -11,6 +11,13 @@ The SCM paper (and TS-CAM before it) reports, for CUB-200-2011 and ILSVRC:
 
 Each localisation score is taken at its own best map threshold tau (0, 0.01, ..., 0.99).
 
+Here the GT-known box always comes from the ground-truth class's map (wsolevaluation's
+definition). The evaluation script released with SCM differs in two details: it resizes
+with OpenCV's default bilinear interpolation, and its "GT-Known" takes the map of the
+top-1 *predicted* class (its top-5 variant: any of the top 5). Interpolation aside, the
+two GT-known definitions agree on every image whose top-1 prediction is right, and Top-1
+and Top-5 Loc are defined alike.
+
 wsolevaluation's second box metric, **MaxBoxAccV2**, is not in the SCM paper's table: it
 takes the best box over *all contours* of the map and averages the best-threshold accuracy
 over IoU 0.3, 0.5 and 0.7.
@@ -18,13 +25,16 @@ over IoU 0.3, 0.5 and 0.7.
 From map to boxes (``normalize_map`` then ``boxes_at_thresholds``):
 
 1. The class map is converted to float64, resized to the image (bicubic) and min-max
-   normalised to [0, 1]; a map that is constant after resizing becomes all zeros. A map containing NaN or inf is rejected (ValueError).
+   normalised to [0, 1]; a map that is constant after resizing becomes all zeros. A map
+   containing NaN or inf is rejected (ValueError).
 2. The normalised map is quantised to 8 bits, q = floor(255 * map) (numpy's uint8 cast).
 3. At threshold tau a pixel is foreground when q > int(tau * max q) (strictly greater).
 4. Each outer or inner contour of the foreground (OpenCV, full hierarchy) gives the box
    x0 = x, y0 = y, x1 = x + w, y1 = y + h from its bounding rectangle (x, y, w, h): one
    pixel wider and taller than the rectangle, except where clipped to width - 1 and
-   height - 1. The largest contour is the one of largest enclosed area (first on ties).
+   height - 1. The largest contour is the one whose polygon (through the centres of its
+   boundary pixels) encloses the largest area, the first on ties; a shape one pixel wide
+   encloses 0.
 5. No foreground at all gives the box [0, 0, 0, 0]: a constant or all-zero map scores the
    IoU of the top-left pixel with the ground truth.
 
