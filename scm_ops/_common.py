@@ -1,6 +1,8 @@
-"""Backend choice, input validation and the lazy import of the Triton kernels."""
+"""Backend choice, input validation, mixed precision, the checks that stay in a compiled
+graph, and the lazy import of the Triton kernels."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
@@ -8,6 +10,7 @@ import torch
 
 BACKENDS = ("triton", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def interpreting() -> bool:
@@ -58,13 +61,62 @@ def check_same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise ValueError naming `name` if `t` holds a NaN or an infinity (a host sync; call it
+    inside a custom op, where torch.compile does not look)."""
     if checks_enabled() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
+
+
+@torch.library.custom_op("scm_ops::assert_finite", mutates_args=("token",))
+def _assert_finite_op(token: torch.Tensor, t: torch.Tensor, name: str) -> None:
+    check_finite(name, t)
+
+
+@_assert_finite_op.register_fake
+def _(token, t, name):
+    return None
+
+
+def assert_finite(token: torch.Tensor, name: str, t: torch.Tensor) -> None:
+    """check_finite as an operator that torch.compile keeps in its graph (docs/maths.md,
+    "Checks under torch.compile").
+
+    A check needs the values on the host, which a traced graph cannot branch on. As a
+    custom operator it is opaque to the tracer; declared as writing `token` (a 0-d tensor
+    that is never read), it has a side effect and is never removed as dead code. In eager
+    mode it raises at once; in a compiled graph it raises when the graph reaches it."""
+    if checks_enabled():
+        _assert_finite_op(token, t.detach(), name)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 for float64, float32 for everything else."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocasting(device: torch.device) -> bool:
+    """True inside a torch.autocast region enabled for `device`'s type."""
+    return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+
+
+def autocast_to_float32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The operators' autocast rule (docs/maths.md, "Mixed precision"): inside an autocast
+    region for the tensors' device, float16 and bfloat16 inputs are cast to float32, so the
+    operator returns float32, as autocast's float32 operators (softmax, layer_norm) do.
+    Outside autocast the tensors are returned unchanged (half in, half out, computed in
+    float32)."""
+    if not autocasting(tensors[0].device):
+        return tensors
+    return tuple(t.float() if t.dtype in HALF_DTYPES else t for t in tensors)
+
+
+def without_autocast(device: torch.device):
+    """A context in which autocast is off for `device`: scm_ops' own computations choose
+    their precision (float32 or float64) and must not be cast down by an enclosing
+    autocast region."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def cdiv(a: int, b: int) -> int:

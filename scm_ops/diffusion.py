@@ -4,10 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import check_float_tensor, check_same, checks_enabled, resolve_backend
+from ._common import (assert_finite, autocasting, check_float_tensor, check_same, checks_enabled,
+                      compute_dtype, resolve_backend, without_autocast)
 from .cosine import cosine_similarity
 from .laplacian import spatial_semantic_laplacian
-from .newton_schulz import NewtonSchulzDivergenceError, divergence, newton_schulz_inverse
+from .newton_schulz import (NewtonSchulzDivergenceError, assert_block_converges, assert_stencil_converges,
+                            newton_schulz_inverse)
 from .structured import (OFFSETS, GradSlot, NeighbourCosine, ScalePatches, SpectralFilter, Stencil, StencilSeries,
                          grid_masks, stencil_to_dense)
 
@@ -128,6 +130,10 @@ class ActivationDiffusion(nn.Module):
         self.large_p_route = large_p_route
         self.lam = nn.Parameter(self._per_block("lam", lam))
         self.beta = nn.Parameter(self._per_block("beta", beta))
+        # Written by no one and read by no one: the finite-value and divergence checks are
+        # custom operators that declare they write it, so that torch.compile keeps them in
+        # its graph (docs/maths.md, "Checks under torch.compile"). Not in the state dict.
+        self.register_buffer("_check_token", torch.zeros(()), persistent=False)
 
     def _per_block(self, name, value) -> torch.Tensor:
         t = torch.as_tensor(value, dtype=torch.float32).flatten()
@@ -145,13 +151,16 @@ class ActivationDiffusion(nn.Module):
                 f"large_p_route={self.large_p_route!r}")
 
     def _check_inputs(self, attention, semantic):
+        """Validate the inputs; returns (compute dtype, output dtype of attention, of semantic)
+        by the rule of docs/maths.md, "Mixed precision"."""
         H, W = self.grid_size
         check_float_tensor("semantic", semantic, 4, "[B, C, H, W]")
         check_float_tensor("attention", attention, (2, 3), "[B, N] or [B, H, W]")
-        check_same("attention", attention, "semantic", semantic)
-        if semantic.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"ActivationDiffusion computes in float32 or float64, got {semantic.dtype}: "
-                            "cast the inputs (or leave this module outside an autocast region)")
+        if attention.device != semantic.device:
+            raise ValueError(f"attention is on {attention.device} but semantic is on {semantic.device}")
+        autocast = autocasting(semantic.device)
+        if not autocast or torch.float64 in (attention.dtype, semantic.dtype):
+            check_same("attention", attention, "semantic", semantic)
         B, C = semantic.shape[:2]
         if tuple(semantic.shape[2:]) != (H, W):
             raise ValueError(f"semantic must have shape [B, C, {H}, {W}] for grid_size {self.grid_size}, "
@@ -163,21 +172,37 @@ class ActivationDiffusion(nn.Module):
         if tuple(attention.shape[1:]) not in ((H * W,), (H, W)):
             raise ValueError(f"attention must have shape [B, {H * W}] or [B, {H}, {W}] for grid_size "
                              f"{self.grid_size}, got {tuple(attention.shape)}")
-        if checks_enabled():
-            for name, t in (("attention", attention), ("semantic", semantic)):
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"{name} contains NaN or infinite values")
-            if not bool(torch.isfinite(self.lam).all() & torch.isfinite(self.beta).all()):
-                raise ValueError("lam or beta of ActivationDiffusion is not finite")
+        token = self._check_token
+        assert_finite(token, "attention", attention)
+        assert_finite(token, "semantic", semantic)
+        assert_finite(token, "lam or beta of ActivationDiffusion", torch.cat([self.lam.flatten(), self.beta.flatten()]))
+        compute = compute_dtype(semantic.dtype)
+        if autocast:
+            return compute, compute, compute
+        return compute, attention.dtype, semantic.dtype
 
     def forward(self, attention: torch.Tensor, semantic: torch.Tensor):
-        self._check_inputs(attention, semantic)
+        """(attention [B, N] or [B, H, W], semantic [B, C, H, W]) -> the same after the stack.
+
+        Computes in float32 (float64 for float64 inputs) with autocast off inside. Outputs
+        keep their input's dtype; inside a torch.autocast region they are float32 (float64
+        stays float64), as autocast's float32 operators return (docs/maths.md, "Mixed
+        precision"). B = 0 gives empty outputs (and zero gradients for lam and beta)."""
+        compute, f_dtype, s_dtype = self._check_inputs(attention, semantic)
         B, C, H, W = semantic.shape
-        lam = self.lam.to(semantic.dtype)
-        beta = self.beta.to(semantic.dtype)
-        forward = self._forward_structured if self.implementation == "structured" else self._forward_dense
-        f, s = forward(attention.reshape(B, H, W), semantic, lam, beta, resolve_backend(self.backend, semantic))
-        return f.reshape(attention.shape), s
+        with without_autocast(semantic.device):
+            f = attention.to(compute).reshape(B, H, W)
+            s = semantic.to(compute)
+            lam = self.lam.to(compute)
+            beta = self.beta.to(compute)
+            if B == 0:
+                # nothing to diffuse; outputs stay attached to lam and beta (zero gradients)
+                anchor = (lam.sum() + beta.sum()) * 0
+                f, s = f + anchor, s + anchor
+            else:
+                forward = self._forward_structured if self.implementation == "structured" else self._forward_dense
+                f, s = forward(f, s, lam, beta, resolve_backend(self.backend, semantic))
+        return f.reshape(attention.shape).to(f_dtype), s.to(s_dtype)
 
     def _update(self, f, u, beta):
         """tau = minmax(tanhshrink(u / (beta max F))) per image, [B, H, W]."""
@@ -237,20 +262,13 @@ class ActivationDiffusion(nn.Module):
 
     # -- divergence detection ----------------------------------------------------------
     def _check_convergence_stencil(self, w, d, offsets, block, lam):
-        bound = Stencil(w.detach(), d.detach(), offsets).abs_row_sums().amax((1, 2))
-        suspects = (self.alpha * bound * bound >= 2).nonzero().flatten()
-        if suspects.numel():
-            dense = stencil_to_dense(w[suspects].detach(), d[suspects].detach(), offsets).double()
-            sigma = torch.zeros_like(bound, dtype=torch.float64)
-            sigma[suspects] = torch.linalg.eigvalsh(dense).abs().amax(1)
-            self._raise_if_divergent(sigma, block, lam)
+        """Raise NewtonSchulzDivergenceError, naming the block and its lam, if the stencil L
+        (w, d) makes Newton-Schulz diverge (a custom operator: kept in a compiled graph)."""
+        assert_stencil_converges(self._check_token, w, d, lam, self.alpha, block, 2 * len(offsets))
 
     def _raise_if_divergent(self, sigma, block, lam):
-        problem = divergence(sigma, self.alpha)
-        if problem:
-            raise NewtonSchulzDivergenceError(
-                f"ActivationDiffusion block {block}: lam={float(lam.detach()):.4g} makes Newton-Schulz diverge: "
-                f"{problem}; keep lam nearer 1")
+        """The same for a block whose sigma_max(L) per item, sigma [B], is known."""
+        assert_block_converges(self._check_token, sigma, lam, self.alpha, block)
 
 
 def attention_map_from_blocks(attentions, grid_size) -> torch.Tensor:

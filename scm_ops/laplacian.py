@@ -5,8 +5,8 @@ import functools
 
 import torch
 
-from ._common import (cdiv, check_finite, check_float_tensor, check_same, compute_dtype,
-                      kernel_config, kernel_module, resolve_backend)
+from ._common import (autocast_to_float32, cdiv, check_finite, check_float_tensor, check_same, compute_dtype,
+                      kernel_config, kernel_module, resolve_backend, without_autocast)
 
 __all__ = ["spatial_semantic_laplacian", "grid_laplacian"]
 
@@ -49,14 +49,14 @@ def _check_connectivity(connectivity) -> None:
 def _laplacian_fwd_torch(e, lam, height, width, connectivity):
     ct = compute_dtype(e.dtype)
     g = _grid_laplacian_cached(height, width, connectivity, ct, e.device)
-    return (g * (lam.to(ct)[:, None, None] * e.to(ct) - 1)).to(e.dtype)
+    return (g * (lam.to(ct)[:, None, None] * e.to(ct) - 1)).to(e.dtype).contiguous()
 
 
 def _laplacian_bwd_torch(grad_l, e, lam, height, width, connectivity):
     ct = compute_dtype(e.dtype)
     g = _grid_laplacian_cached(height, width, connectivity, ct, e.device)
     gdl = g * grad_l.to(ct)
-    return ((gdl * lam.to(ct)[:, None, None]).to(e.dtype),
+    return ((gdl * lam.to(ct)[:, None, None]).to(e.dtype).contiguous(),
             (gdl * e.to(ct)).sum((1, 2)).to(lam.dtype))
 
 
@@ -99,12 +99,13 @@ def _laplacian_op(e: torch.Tensor, lam: torch.Tensor, height: int, width: int,
     check_finite("similarity", e)
     check_finite("lam", lam)
     impl = _laplacian_fwd_triton if backend == "triton" else _laplacian_fwd_torch
-    return impl(e, lam, height, width, connectivity)
+    with without_autocast(e.device):
+        return impl(e, lam, height, width, connectivity)
 
 
 @_laplacian_op.register_fake
 def _(e, lam, height, width, connectivity, backend):
-    return torch.empty_like(e)
+    return e.new_empty(e.shape)  # contiguous, as both backends return it, whatever E's strides
 
 
 @torch.library.custom_op("scm_ops::spatial_semantic_laplacian_backward", mutates_args=())
@@ -112,12 +113,13 @@ def _laplacian_backward_op(grad_l: torch.Tensor, e: torch.Tensor, lam: torch.Ten
                            width: int, connectivity: int, backend: str
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _laplacian_bwd_triton if backend == "triton" else _laplacian_bwd_torch
-    return impl(grad_l, e, lam, height, width, connectivity)
+    with without_autocast(e.device):
+        return impl(grad_l, e, lam, height, width, connectivity)
 
 
 @_laplacian_backward_op.register_fake
 def _(grad_l, e, lam, height, width, connectivity, backend):
-    return torch.empty_like(e), torch.empty_like(lam)
+    return e.new_empty(e.shape), lam.new_empty(lam.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -140,15 +142,19 @@ def spatial_semantic_laplacian(similarity: torch.Tensor, grid: tuple[int, int], 
     """L = (D - A) * (lam * E - 1), elementwise, for the H x W patch grid.
 
     Args:
-        similarity: E, [B, N, N] float tensor, N = H * W, patches row-major.
+        similarity: E, [B, N, N] float16, bfloat16, float32 or float64 tensor, N = H * W,
+            patches row-major; computed in float32 (float64 for float64). B may be 0.
         grid: (H, W).
-        lam: a Python number, a tensor with one element (shared by the batch) or a [B]
-            tensor (one value per item), same dtype and device as `similarity`.
+        lam: a Python number (kept in the compute precision), a tensor with one element
+            (shared by the batch) or a [B] tensor (one value per item), same dtype and
+            device as `similarity` (inside a torch.autocast region half and float32 may be
+            mixed: both become float32).
         connectivity: 4 or 8 grid neighbours; D - A is the unnormalised grid Laplacian.
         backend: "triton", "torch" or None (SCM_OPS_BACKEND, else by device).
 
     Returns:
-        L: [B, N, N] in E's dtype: L[i, i] = deg_i (lam E[i, i] - 1), L[i, j] = 1 - lam E[i, j]
+        L: [B, N, N] in E's dtype (float32 for half inputs inside a torch.autocast region,
+        docs/maths.md, "Mixed precision"): L[i, i] = deg_i (lam E[i, i] - 1), L[i, j] = 1 - lam E[i, j]
         for grid neighbours, 0 elsewhere (E is only read on that stencil). Differentiable with
         respect to `similarity` and `lam`.
     """
@@ -160,9 +166,14 @@ def spatial_semantic_laplacian(similarity: torch.Tensor, grid: tuple[int, int], 
         raise ValueError(f"similarity must have shape [B, H*W, H*W] = [B, {height * width}, "
                          f"{height * width}] for grid {grid}, got {tuple(similarity.shape)}")
     if not isinstance(lam, torch.Tensor):
-        lam = torch.tensor(float(lam), dtype=similarity.dtype, device=similarity.device)
-    check_float_tensor("lam", lam, (0, 1), "[] or [B]")
-    check_same("similarity", similarity, "lam", lam)
+        # a number keeps the compute precision: not rounded to a half E's dtype
+        (similarity,) = autocast_to_float32(similarity)
+        lam = torch.tensor(float(lam), dtype=compute_dtype(similarity.dtype), device=similarity.device)
+    else:
+        check_float_tensor("lam", lam, (0, 1), "[] or [B]")
+        if lam.device == similarity.device:
+            similarity, lam = autocast_to_float32(similarity, lam)
+        check_same("similarity", similarity, "lam", lam)
     if lam.numel() == 1:
         lam = lam.reshape(1).expand(B)
     elif lam.shape != (B,):

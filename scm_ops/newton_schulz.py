@@ -20,8 +20,8 @@ import math
 
 import torch
 
-from ._common import (cdiv, check_finite, check_float_tensor, checks_enabled, compute_dtype,
-                      kernel_config, kernel_module, resolve_backend)
+from ._common import (autocast_to_float32, cdiv, check_finite, check_float_tensor, checks_enabled, compute_dtype,
+                      kernel_config, kernel_module, resolve_backend, without_autocast)
 
 __all__ = ["newton_schulz_inverse", "NewtonSchulzDivergenceError", "spectral_norm_bound"]
 
@@ -91,13 +91,13 @@ def newton_schulz_bwd(grad_x, l, xs, ts, alpha, detach_init, backend):
         g = bmm(lt, h, -1.0, bmm(g, ts[k].transpose(1, 2), -1.0, g, 2.0), 1.0)  # 2G - G T^T - L^T H
     if not detach_init:
         grad_l = grad_l + alpha * g.transpose(1, 2)
-    return grad_l.to(l.dtype)
+    return grad_l.to(l.dtype).contiguous()
 
 
 def spectral_norm_bound(l: torch.Tensor) -> torch.Tensor:
     """A cheap upper bound of sigma_max(L) per batch item, [B]:
     sqrt(max row abs sum * max column abs sum) (Gershgorin / Hoelder); for a symmetric L it
-    is the max row abs sum of SPEC section 4."""
+    is the max row abs sum (docs/maths.md, "Convergence and the Gershgorin screen")."""
     a = l.abs().to(compute_dtype(l.dtype))
     return (a.sum(2).amax(1) * a.sum(1).amax(1)).sqrt()
 
@@ -134,33 +134,98 @@ def divergence(sigma: torch.Tensor, alpha: float) -> str:
             f"sigma_max(L) < {(2 / alpha) ** 0.5:.4g})")
 
 
+# ------------------------------------------- ActivationDiffusion's divergence checks
+# Custom operators, so that torch.compile keeps them in its graph without a graph break
+# (docs/maths.md, "Checks under torch.compile"): each declares that it writes `token`, a
+# 0-d tensor of the module that is never read, so it is never removed as dead code.
+def _raise_if_divergent_block(sigma: torch.Tensor, alpha: float, block: int, lam: torch.Tensor) -> None:
+    problem = divergence(sigma, alpha)
+    if problem:
+        raise NewtonSchulzDivergenceError(
+            f"ActivationDiffusion block {block}: lam={float(lam):.4g} makes Newton-Schulz diverge: "
+            f"{problem}; keep lam nearer 1")
+
+
+@torch.library.custom_op("scm_ops::assert_block_converges", mutates_args=("token",))
+def _assert_block_converges_op(token: torch.Tensor, sigma: torch.Tensor, lam: torch.Tensor, alpha: float,
+                               block: int) -> None:
+    """Raise NewtonSchulzDivergenceError if alpha sigma[b]^2 >= 2 for an item b; sigma [B] is
+    sigma_max(L) per item (e.g. the largest |eigenvalue| of a symmetric L), lam the block's
+    lam (0-d), named in the message."""
+    _raise_if_divergent_block(sigma, alpha, block, lam)
+
+
+@_assert_block_converges_op.register_fake
+def _(token, sigma, lam, alpha, block):
+    return None
+
+
+@torch.library.custom_op("scm_ops::assert_stencil_converges", mutates_args=("token",))
+def _assert_stencil_converges_op(token: torch.Tensor, w: torch.Tensor, d: torch.Tensor, lam: torch.Tensor,
+                                 alpha: float, block: int, connectivity: int) -> None:
+    """Raise NewtonSchulzDivergenceError if the symmetric stencil L (w [B, K, H, W], d [B, H, W],
+    docs/maths.md, "The stencil") makes Newton-Schulz diverge: the Gershgorin bound (max
+    absolute row sum) screens the batch; items it cannot clear get their exact sigma_max
+    from the eigenvalues of the dense L, in float64."""
+    from .structured.stencil import OFFSETS, Stencil, stencil_to_dense
+    offsets = OFFSETS[connectivity]
+    with without_autocast(w.device):
+        bound = Stencil(w, d, offsets).abs_row_sums().amax((1, 2))
+        suspects = (alpha * bound * bound >= 2).nonzero().flatten()
+        if suspects.numel() == 0:
+            return
+        sigma = torch.zeros_like(bound, dtype=torch.float64)
+        sigma[suspects] = torch.linalg.eigvalsh(stencil_to_dense(w[suspects], d[suspects], offsets).double()
+                                                ).abs().amax(1)
+    _raise_if_divergent_block(sigma, alpha, block, lam)
+
+
+@_assert_stencil_converges_op.register_fake
+def _(token, w, d, lam, alpha, block, connectivity):
+    return None
+
+
+def assert_block_converges(token: torch.Tensor, sigma: torch.Tensor, lam: torch.Tensor, alpha: float,
+                           block: int) -> None:
+    """ActivationDiffusion's check of a block whose sigma_max(L) per item is known (sigma [B])."""
+    _assert_block_converges_op(token, sigma.detach(), lam.detach(), alpha, block)
+
+
+def assert_stencil_converges(token: torch.Tensor, w: torch.Tensor, d: torch.Tensor, lam: torch.Tensor,
+                             alpha: float, block: int, connectivity: int) -> None:
+    """ActivationDiffusion's check of a block given as a stencil (w, d)."""
+    _assert_stencil_converges_op(token, w.detach(), d.detach(), lam.detach(), alpha, block, connectivity)
+
+
 # ---------------------------------------------------------------- registered operators
 @torch.library.custom_op("scm_ops::newton_schulz_inverse", mutates_args=())
 def _newton_schulz_op(l: torch.Tensor, iterations: int, alpha: float, detach_init: bool,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns X_p in L's dtype and the saved iterates (X_k and L X_k stacks) for backward."""
     check_finite("L", l)
-    if iterations > 0 and checks_enabled():
-        check_convergence(l, alpha)
-    x, xs, ts = newton_schulz_fwd(l, iterations, alpha, backend)
-    return x.to(l.dtype), xs, ts
+    with without_autocast(l.device):
+        if iterations > 0 and checks_enabled():
+            check_convergence(l, alpha)
+        x, xs, ts = newton_schulz_fwd(l, iterations, alpha, backend)
+    return x.to(l.dtype).contiguous(), xs, ts
 
 
 @_newton_schulz_op.register_fake
 def _(l, iterations, alpha, detach_init, backend):
     stack = l.new_empty(iterations, *l.shape, dtype=compute_dtype(l.dtype))
-    return torch.empty_like(l), stack, torch.empty_like(stack)
+    return l.new_empty(l.shape), stack, torch.empty_like(stack)  # X contiguous, whatever L's strides
 
 
 @torch.library.custom_op("scm_ops::newton_schulz_inverse_backward", mutates_args=())
 def _newton_schulz_backward_op(grad_x: torch.Tensor, l: torch.Tensor, xs: torch.Tensor, ts: torch.Tensor,
                                alpha: float, detach_init: bool, backend: str) -> torch.Tensor:
-    return newton_schulz_bwd(grad_x, l, xs, ts, alpha, detach_init, backend)
+    with without_autocast(l.device):
+        return newton_schulz_bwd(grad_x, l, xs, ts, alpha, detach_init, backend)
 
 
 @_newton_schulz_backward_op.register_fake
 def _(grad_x, l, xs, ts, alpha, detach_init, backend):
-    return torch.empty_like(l)
+    return l.new_empty(l.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -187,7 +252,8 @@ def newton_schulz_inverse(L: torch.Tensor, iterations: int, alpha: float,
     (as SCM builds) this is the spectral filter g(t) = (1 - (1 - alpha t^2)^(2^p)) / t.
 
     Args:
-        L: [B, N, N] float tensor, any square matrices.
+        L: [B, N, N] float16, bfloat16, float32 or float64, any square matrices; computed
+            in float32 (float64 for float64). B may be 0.
         iterations: p >= 0.
         alpha: initial scale, > 0. The iteration converges iff alpha * sigma_max(L)^2 < 2.
         detach_init: False: exact gradient of the truncated iteration. True: the gradient of
@@ -195,7 +261,8 @@ def newton_schulz_inverse(L: torch.Tensor, iterations: int, alpha: float,
         backend: "triton", "torch" or None (SCM_OPS_BACKEND, else by device).
 
     Returns:
-        X: [B, N, N] in L's dtype (computed in float32, float64 for float64 input).
+        X: [B, N, N] in L's dtype, or float32 for a half L inside a torch.autocast region
+        (docs/maths.md, "Mixed precision").
 
     Raises:
         NewtonSchulzDivergenceError (a ValueError) when alpha * sigma_max(L)^2 >= 2 for some
@@ -211,4 +278,5 @@ def newton_schulz_inverse(L: torch.Tensor, iterations: int, alpha: float,
     alpha = float(alpha)
     if not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a finite float > 0, got {alpha!r}")
+    (L,) = autocast_to_float32(L)
     return _newton_schulz_op(L, iterations, alpha, bool(detach_init), resolve_backend(backend, L))[0]
