@@ -10,18 +10,18 @@ from .cosine import cosine_similarity
 from .laplacian import spatial_semantic_laplacian
 from .newton_schulz import (NewtonSchulzDivergenceError, assert_block_converges, assert_stencil_converges,
                             newton_schulz_inverse)
-from .structured import (OFFSETS, GradSlot, NeighbourCosine, ScalePatches, SpectralFilter, Stencil, StencilSeries,
-                         grid_masks, stencil_to_dense)
+from .structured import (OFFSETS, ChebyshevFilter, GradSlot, NeighbourCosine, ScalePatches, SpectralFilter, Stencil,
+                         StencilSeries, grid_masks, stencil_to_dense)
 
 __all__ = ["ActivationDiffusion", "attention_map_from_blocks", "localization_map", "minmax_normalize"]
 
 # Blocks with 2^p <= this many matrix-free steps take StencilSeries; the others take the
 # route of LARGE_P_ROUTES for the device (see the README for the timings behind the choice).
 MATRIX_FREE_MAX_STEPS = 64
-LARGE_P_ROUTES = ("spectral", "newton_schulz")
+LARGE_P_ROUTES = ("chebyshev", "spectral", "newton_schulz")
 
 
-def default_large_p_route(device: torch.device) -> str:
+def default_large_p_route(device: torch.device, grid_size=None) -> str:
     """The spectral form on the CPU, measured faster there (a batched eigh at B = 64,
     N = 196 costs less than the 16 forward products of dense Newton-Schulz alone). Dense
     Newton-Schulz on other devices: batched products suit a GPU and a batched eigh does
@@ -228,7 +228,11 @@ class ActivationDiffusion(nn.Module):
                 if checks_enabled():
                     self._check_convergence_stencil(w, d, offsets, block, lam[block])
                 u = StencilSeries.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients, backend)
-            elif (self.large_p_route or default_large_p_route(s.device)) == "spectral":
+            elif (route := self.large_p_route or default_large_p_route(s.device, (H, W))) == "chebyshev":
+                if checks_enabled():
+                    self._check_convergence_stencil(w, d, offsets, block, lam[block])
+                u = ChebyshevFilter.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
+            elif route == "spectral":
                 u, eigenvalues = SpectralFilter.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
                 if checks_enabled():
                     self._raise_if_divergent(eigenvalues.abs().amax(1), block, lam[block])

@@ -74,18 +74,28 @@ def test_dense_operators_match_published(device, backend, exact, monkeypatch):
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["published_grad", "exact_grad"])
-def test_newton_schulz_route_for_large_p_matches_published(device, backend, exact):
-    """The p = 16 block through dense Newton-Schulz on the stencil's L (the default off the
-    CPU) instead of the spectral form."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("route", scm_ops.diffusion.LARGE_P_ROUTES)
+def test_every_large_p_route_matches_published(device, backend, route, dtype, exact):
+    """The p = 16 block by each route (Chebyshev series, spectral form, dense Newton-Schulz
+    on the stencil's L) against the published stack, values and every gradient, with the
+    tolerances of TOL for the dtype (the Chebyshev series' own error, float64 ~1e-11 and
+    float32 ~7e-6 at the operator, is far inside them); and a diverging lam raises."""
     grid = (7, 9)
     module = scm_ops.ActivationDiffusion(grid, iterations=(16, 4), exact_gradients=exact, lam=[1.05, 0.95],
-                                         backend=backend, large_p_route="newton_schulz").to(device)
-    f, s = inputs(2, 60, grid, torch.float64, device)
-    parity(module, f, s, *TOL[torch.float64])
+                                         backend=backend, large_p_route=route).to(device)
+    f, s = inputs(2, 60, grid, dtype, device)
+    parity(module, f, s, *TOL[dtype])
     diverging = scm_ops.ActivationDiffusion(grid, iterations=(16, 4), lam=[20.0, 1.0], backend=backend,
-                                            large_p_route="newton_schulz").to(device).double()
+                                            large_p_route=route).to(device)
     with pytest.raises(scm_ops.NewtonSchulzDivergenceError, match="block 0"):
         diverging(f, s)
+
+
+def test_default_large_p_route_is_a_route():
+    for device in ("cpu", "cuda"):
+        for grid in ((7, 9), (14, 14), (56, 56)):
+            assert scm_ops.diffusion.default_large_p_route(torch.device(device), grid) in scm_ops.diffusion.LARGE_P_ROUTES
 
 
 def test_eight_neighbours_and_attention_as_vector(device, backend):

@@ -9,16 +9,18 @@ except where a route chooses one. The pieces (maths in docs/structured.md):
 - neighbour_cosine: NeighbourCosine, the cosines of grid neighbours only, from S.
 - series: StencilSeries, X_p F matrix-free in 2^p steps (blocks with small p).
 - spectral: SpectralFilter, X_p F from one eigendecomposition (blocks with large p).
+- chebyshev: ChebyshevFilter, X_p F as a Chebyshev series in L^2 (blocks with large p).
 - grad_slot: ScalePatches and GradSlot, the residual scaling of S with one gradient buffer.
 
 Each autograd Function has its own backward (both Newton-Schulz gradient semantics); the
 Triton kernels live in kernels/structured/ (installed as scm_ops.kernels.structured).
 """
+from .chebyshev import ChebyshevFilter
 from .grad_slot import GradSlot, ScalePatches
 from .neighbour_cosine import NeighbourCosine
 from .series import StencilSeries, series_max_cells
 from .spectral import SpectralFilter
 from .stencil import OFFSETS, Stencil, grid_masks, stencil_to_dense
 
-__all__ = ["GradSlot", "ScalePatches", "NeighbourCosine", "StencilSeries", "series_max_cells", "SpectralFilter",
+__all__ = ["ChebyshevFilter", "GradSlot", "ScalePatches", "NeighbourCosine", "StencilSeries", "series_max_cells", "SpectralFilter",
            "OFFSETS", "Stencil", "grid_masks", "stencil_to_dense"]

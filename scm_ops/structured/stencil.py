@@ -76,6 +76,30 @@ class Stencil:
             y[:, there[0], there[1]].addcmul_(wk, x[:, here[0], here[1]])
         return y
 
+    def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = L x for x [..., B, H, W] (leading dims broadcast over the stencil), written
+        into `out` (same shape as x, not overlapping it)."""
+        torch.mul(self.d, x, out=out)
+        for here, there, wk in self.terms:
+            out[..., here[0], here[1]].addcmul_(wk, x[..., there[0], there[1]])
+            out[..., there[0], there[1]].addcmul_(wk, x[..., here[0], here[1]])
+        return out
+
+    def subtract_product(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out -= L x, in place, for x and out [..., B, H, W] (not overlapping)."""
+        out.addcmul_(self.d, x, value=-1)
+        for here, there, wk in self.terms:
+            out[..., here[0], here[1]].addcmul_(wk, x[..., there[0], there[1]], value=-1)
+            out[..., there[0], there[1]].addcmul_(wk, x[..., here[0], here[1]], value=-1)
+        return out
+
+    def scaled(self, factor: float) -> "Stencil":
+        """The stencil of factor * L."""
+        other = Stencil.__new__(Stencil)
+        other.d = self.d * factor
+        other.terms = [(here, there, wk * factor) for here, there, wk in self.terms]
+        return other
+
     def abs_row_sums(self) -> torch.Tensor:
         """sum_j |L[n, j]| per cell, [B, H, W] (Gershgorin radii plus |diagonal|)."""
         y = self.d.abs()

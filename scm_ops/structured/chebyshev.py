@@ -1,0 +1,304 @@
+"""Blocks with many iterations as a Chebyshev series in Z = L^2 (docs/structured.md,
+"Chebyshev series").
+
+X_p = g(L) with g(t) = t phi(t^2), phi(z) = (1 - (1 - alpha z)^K) / z, K = 2^p. On the
+spectrum of Z, inside [0, R^2] with R a bound on the spectral radius of L (Gershgorin, or
+sigma_max where Gershgorin is too loose to show convergence), phi is replaced by a truncated
+Chebyshev series; u = X_p F = L phi(Z) F then costs one product with Z (two stencil
+products) per degree and O(N) memory per basis vector, never an N x N matrix. The backward
+runs the same recurrence in reverse (Clenshaw) on one or two adjoint streams and reads the
+gradient of L at the stencil entries as sums of outer products. PyTorch on both backends.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ..newton_schulz import NewtonSchulzDivergenceError, divergence
+from .stencil import Stencil, grid_masks, stencil_to_dense
+
+__all__ = ["ChebyshevFilter", "chebyshev_coefficients", "series_radius", "DEGREE_TOLERANCE"]
+
+# Truncation tolerance of the series, by dtype: the series stops where the sum of the
+# absolute values of the dropped coefficients is below this fraction of max |f| on the
+# interval (f = phi, or psi(z) = (1 - alpha z)^K for the published gradient). The error of
+# u = L phi(Z) F is about 200 times that fraction (max phi = alpha K = 131 against
+# max g ~ 7, times R), measured in float64 at R = 4: tolerance 1e-7 -> forward 1.7e-6,
+# gradients 1.9e-5; 1e-8 -> 1.7e-7, 1.8e-6. float32 takes 1e-8: its own rounding in the
+# recurrence is ~6e-6 (forward) and 8e-6 (gradients), so a looser cut would add to it and a
+# tighter one buys nothing. float64 takes 1e-12, a thousand times above the ~1e-15 floor of
+# coefficients computed in float64 (forward ~1e-11, gradients ~3e-10 against dense
+# Newton-Schulz). Degrees at alpha = 0.002, p = 16, R = 4.5 (signed i.i.d. maps): phi 192,
+# psi 210 (float32); phi 245, psi 262 (float64). The degree grows in proportion to R.
+DEGREE_TOLERANCE = {torch.float32: 1e-8, torch.float64: 1e-12}
+
+# R is rounded up to a point of the grid 2^(j/16) (at most 4.4% larger, degree alike) so
+# that the coefficients of nearby radii come from one cache entry.
+_RADIUS_STEPS_PER_OCTAVE = 16
+_MIN_RADIUS = 2.0 ** -10
+
+
+def rounded_radius(radius: float) -> float:
+    """radius rounded up to the cache grid 2^(j/16), at least 2^-10."""
+    radius = max(float(radius), _MIN_RADIUS)
+    return 2.0 ** (math.ceil(math.log2(radius) * _RADIUS_STEPS_PER_OCTAVE - 1e-9) / _RADIUS_STEPS_PER_OCTAVE)
+
+
+def _phi_psi(z: torch.Tensor, alpha: float, iterations: int):
+    """(phi(z), psi(z)) in float64: phi = (1 - (1 - alpha z)^K) / z (phi(0) = alpha K) and
+    psi = (1 - alpha z)^K, K = 2^p, through log1p/expm1 (the naive power rounds 1 - alpha z
+    to 1 for small z). K is even, so |1 - alpha z| is what counts when alpha z > 1."""
+    K = 2.0 ** iterations
+    q = alpha * z
+    log_abs = torch.where(q < 0.5, torch.log1p(-q.clamp(max=0.5)), torch.log((1 - q).abs()))
+    power_minus_one = torch.expm1(K * log_abs)
+    safe_z = torch.where(z > 0, z, torch.ones_like(z))
+    phi = torch.where(z > 0, -power_minus_one / safe_z, torch.full_like(z, alpha * K))
+    return phi, power_minus_one + 1
+
+
+def _chebyshev_transform(values: torch.Tensor) -> torch.Tensor:
+    """Chebyshev coefficients c_0..c_{M-1} of the polynomial interpolating `values` at the M
+    nodes y_j = cos(pi (j + 1/2) / M) (a DCT-II through one real FFT of the even extension)."""
+    M = values.shape[0]
+    spectrum = torch.fft.rfft(torch.cat([values, values.flip(0)]))[:M]
+    k = torch.arange(M, dtype=torch.float64)
+    coef = (spectrum * torch.exp(-0.5j * math.pi * k / M)).real / M
+    coef[0] /= 2
+    return coef
+
+
+def _truncation_degree(coef: torch.Tensor, tolerance: float) -> int:
+    """The smallest n with sum_{k > n} |c_k| <= tolerance * max|f| (the dropped tail bounds
+    the uniform error); max|f| is estimated by sum |c_k|'s upper bound, the values' max."""
+    tail = coef.abs().flip(0).cumsum(0).flip(0)
+    above = (tail > tolerance).nonzero()
+    return max(int(above.max()) if above.numel() else 0, 2)
+
+
+@functools.lru_cache(maxsize=64)
+def _coefficients_cached(radius: float, alpha: float, iterations: int, tolerance: float):
+    # Nodes: enough that the degree found is far below the aliasing limit M/2 (the degree
+    # grows about as 60 R for the tightest tolerance used).
+    M = 4096
+    while M < 8 * (60 * radius + 64):
+        M *= 2
+    j = torch.arange(M, dtype=torch.float64)
+    y = torch.cos(math.pi * (j + 0.5) / M)                  # y = 1 - 2 z / R^2 in [-1, 1]
+    phi, psi = _phi_psi(radius * radius * (1 - y) / 2, alpha, iterations)
+    out = []
+    for values in (phi, psi):
+        coef = _chebyshev_transform(values)
+        scale = float(values.abs().max())
+        n = _truncation_degree(coef / scale, tolerance)
+        out.append(coef[:n + 1].clone())
+    return tuple(out)
+
+
+def chebyshev_coefficients(radius: float, alpha: float, iterations: int, tolerance: float):
+    """(c_phi, c_psi): float64 Chebyshev coefficients of phi and psi in the variable
+    y = 1 - 2 z / R^2 on z in [0, R^2], each truncated at `tolerance` (see DEGREE_TOLERANCE).
+    R is rounded up with rounded_radius; results are cached per (R, alpha, p, tolerance)."""
+    return _coefficients_cached(rounded_radius(radius), float(alpha), int(iterations), float(tolerance))
+
+
+def series_radius(w: torch.Tensor, d: torch.Tensor, offsets, alpha: float) -> float:
+    """A bound R on the spectral radius of every L of the batch (one float: the series runs
+    on the whole batch at once): the largest Gershgorin bound max_n sum_m |L[n, m]|, or,
+    for images where that bound is too loose to show convergence (alpha R^2 >= 2),
+    sigma_max(L) from a float64 eigvalsh. Raises NewtonSchulzDivergenceError if an image's
+    iteration diverges (alpha sigma_max^2 >= 2): its series would not converge."""
+    bound = Stencil(w.detach(), d.detach(), offsets).abs_row_sums().amax((1, 2)).to(torch.float64)
+    suspects = (alpha * bound * bound >= 2).nonzero().flatten()
+    if suspects.numel():
+        dense = stencil_to_dense(w[suspects].detach(), d[suspects].detach(), offsets).double()
+        sigma = torch.linalg.eigvalsh(dense).abs().amax(1)
+        problem = divergence(sigma, alpha)
+        if problem:
+            raise NewtonSchulzDivergenceError(problem)
+        bound[suspects] = torch.minimum(bound[suspects], sigma)
+    return float(bound.max())
+
+
+class FlatStencil:
+    """A symmetric stencil acting on flat vectors [..., B * N] (images back to back).
+
+    In the flat layout the neighbour n + o_k of cell n is n + m_k with m_k = dr W + dc >= 0,
+    so each neighbour term is one multiply-add on two contiguous slices; the weight planes
+    are zeroed where n + o_k leaves the grid, which also zeroes the pairs that a flat shift
+    makes across a row end or an image end. A product is 1 + 2K in-place operations on
+    contiguous memory (K = 2 or 4 planes): fewer and cheaper than on [B, H, W] slices.
+    """
+
+    def __init__(self, w: torch.Tensor, d: torch.Tensor, offsets, scale: float = 1.0):
+        B, K, H, W = w.shape
+        valid, _ = grid_masks(H, W, 2 * K, w.dtype, w.device)
+        self.d = (d * scale).reshape(-1)
+        planes = (w * valid * scale).transpose(0, 1).reshape(K, -1)
+        self.terms = [(dr * W + dc, planes[k, :planes.shape[1] - (dr * W + dc)])
+                      for k, (dr, dc) in enumerate(offsets)]
+
+    def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = L x for flat x [..., B N] (out must not overlap x)."""
+        torch.mul(self.d, x, out=out)
+        for m, wk in self.terms:
+            end = x.shape[-1] - m
+            out[..., :end].addcmul_(wk, x[..., m:])
+            out[..., m:].addcmul_(wk, x[..., :end])
+        return out
+
+    def subtract_product(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out -= L x, in place (out must not overlap x)."""
+        out.addcmul_(self.d, x, value=-1)
+        for m, wk in self.terms:
+            end = x.shape[-1] - m
+            out[..., :end].addcmul_(wk, x[..., m:], value=-1)
+            out[..., m:].addcmul_(wk, x[..., :end], value=-1)
+        return out
+
+
+class StencilReader:
+    """Accumulates the stencil entries of G = sum_j p_j q_j^T, one term at a time, for flat
+    p_j, q_j [S, B N] whose S rows are summed too: G[n, n + o_k] + G[n + o_k, n] per plane k
+    and G[n, n]. Each term costs 1 + 2K in-place multiply-adds on contiguous memory."""
+
+    def __init__(self, like: torch.Tensor, offsets, width: int):
+        self.shifts = [dr * width + dc for dr, dc in offsets]
+        self.diag = torch.zeros_like(like)
+        self.pairs = like.new_zeros(len(offsets), *like.shape)
+
+    def add(self, p: torch.Tensor, q: torch.Tensor, weight: float = 1.0) -> None:
+        self.diag.addcmul_(p, q, value=weight)
+        for k, m in enumerate(self.shifts):
+            end = p.shape[-1] - m
+            self.pairs[k, ..., :end].addcmul_(p[..., :end], q[..., m:], value=weight)
+            self.pairs[k, ..., :end].addcmul_(p[..., m:], q[..., :end], value=weight)
+
+    def result(self, shape, valid: torch.Tensor, factor: float):
+        """factor times (grad_w [B, K, H, W], zero off the grid, grad_d [B, H, W])."""
+        B, H, W = shape
+        K = len(self.shifts)
+        pairs = self.pairs.reshape(K, -1, B * H * W).sum(1).reshape(K, B, H, W).transpose(0, 1)
+        return pairs * (valid * factor), self.diag.reshape(-1, B * H * W).sum(0).reshape(B, H, W) * factor
+
+
+def _basis(f, scaled, degree):
+    """Forward basis for flat F [B N]: vy [degree + 1, 2, B N] with vy[k, 0] = v_k = T_k(Y) F
+    (k <= degree) and vy[k, 1] = y_k = Lh v_k (k < degree), where Y = I - (2/R^2) Z =
+    I - Lh^2 / 2 and Lh = (2/R) L (`scaled`)."""
+    vy = f.new_empty(degree + 1, 2, f.shape[-1])
+    vy[0, 0] = f
+    scaled.matmul_into(f, vy[0, 1])
+    scaled.matmul_into(vy[0, 1], vy[1, 0])
+    torch.add(f, vy[1, 0], alpha=-0.5, out=vy[1, 0])             # v_1 = Y F
+    for k in range(1, degree):
+        scaled.matmul_into(vy[k, 0], vy[k, 1])
+        torch.lerp(vy[k - 1, 0], vy[k, 0], 2.0, out=vy[k + 1, 0])  # 2 v_k - v_{k-1}
+        scaled.subtract_product(vy[k, 1], vy[k + 1, 0])             # - Lh^2 v_k
+    vy[degree, 1].zero_()
+    return vy
+
+
+def _adjoint_sweep(h, coef, scaled, vy, radius, offsets, width):
+    """Reverse pass (Clenshaw) for cotangents h [S, B N] (stream 0: L g for phi; stream 1,
+    if present: g for psi) on sum_k c_k[s] v_k, coef [degree + 1, S] zero-padded:
+        b_k = c_k h + 2 Y b_{k+1} - b_{k+2} (k >= 1),   b_0 = c_0 h + Y b_1 - b_2.
+    Each b_{k+1} is paired with the basis as it is produced (StencilReader), so no adjoint
+    is kept: the pairs (b_phi ↔ y_k) and (Lh b_phi + (2/R) b_psi ↔ v_k), weight 2 (1 at
+    k = 0). Returns (b_0 of stream 0, the reader)."""
+    S, BN = h.shape
+    degree = coef.shape[0] - 1
+    c = coef.to(h.dtype)[:, :, None]
+    # three rotating slots of [2S, BN]: rows 0, 2.. hold Lh b of each stream, rows 1, 3.. b
+    slots = h.new_zeros(3, S, 2, BN)
+    reader = StencilReader(h.new_empty(2, BN), offsets, width)
+    pair = h.new_empty(2, BN)
+    b_next, b_next2 = slots[degree % 3], slots[(degree + 1) % 3]
+    torch.mul(c[degree], h, out=b_next[:, 1])
+    for k in range(degree - 1, -1, -1):
+        scaled.matmul_into(b_next[:, 1], b_next[:, 0])             # Lh b_{k+1}
+        b_k = slots[k % 3]
+        # the pairs of b_{k+1} with v_k and y_k
+        if S == 2:
+            torch.add(b_next[0, 0], b_next[1, 1], alpha=2.0 / radius, out=pair[0])
+        else:
+            pair[0] = b_next[0, 0]
+        pair[1] = b_next[0, 1]
+        reader.add(pair, vy[k], 2.0 if k else 1.0)
+        if k == 0:
+            first = c[0, 0] * h[0] + b_next[0, 1] - b_next2[0, 1]
+            return scaled.subtract_product(b_next[0, 0], first.mul_(2)).mul_(0.5), reader
+        torch.lerp(b_next2[:, 1], b_next[:, 1], 2.0, out=b_k[:, 1])   # 2 b_{k+1} - b_{k+2}
+        b_k[:, 1].addcmul_(c[k], h)
+        scaled.subtract_product(b_next[:, 0], b_k[:, 1])             # - Lh^2 b_{k+1}
+        b_next2, b_next = b_next, b_k
+    raise AssertionError("unreachable: degree >= 2")
+
+
+def _series_plan(w, d, alpha, iterations, offsets, exact, dtype):
+    """(R, c_phi, coefficient matrix [n + 1, S] of the backward streams, n): the radius,
+    the forward coefficients and the basis degree n (phi's, or the larger of phi's and psi's
+    when the published gradient needs psi too)."""
+    radius = rounded_radius(series_radius(w, d, offsets, alpha))
+    c_phi, c_psi = chebyshev_coefficients(radius, alpha, iterations, DEGREE_TOLERANCE[dtype])
+    streams = (c_phi,) if exact else (c_phi, c_psi)
+    degree = max(c.shape[0] for c in streams) - 1
+    coef = torch.zeros(degree + 1, len(streams), dtype=torch.float64)
+    for s, c in enumerate(streams):
+        coef[:c.shape[0], s] = c
+    return radius, c_phi, coef, degree
+
+
+class ChebyshevFilter(torch.autograd.Function):
+    """u = X_p F = L phi(Z) F, Z = L^2, phi by a Chebyshev series on [0, R^2]
+    (docs/structured.md, "Chebyshev series").
+
+    Inputs F [B, H, W], w [B, K, H, W], d [B, H, W] (float32 or float64); returns u [B, H, W].
+    The degree n follows from R (rounded up, see rounded_radius) and DEGREE_TOLERANCE of the
+    dtype; `info` (a dict, optional) receives the radius and degrees. Saves for backward the
+    basis v_k = T_k(Y) F and y_k = Lh v_k (Lh = (2/R) L): 2 (n + 1) B N elements, besides
+    w, d and phi(Z) F; the backward adds O(B N) (its adjoints are read as they are made).
+    Backward, with cotangent g of u:
+        dF = X_p g  (stream 0 of the reverse recurrence, started from L g),
+        dL = g (phi(Z) F)^T + G_phi L + L G_phi  [+ G_psi for the published gradient],
+    G_phi, G_psi the gradients with respect to Z, as an independent matrix, of
+    (L g)^T phi(Z) F and g^T psi(Z) F, psi(z) = (1 - alpha z)^K: sums over k of outer
+    products of the adjoint vectors with v_k and y_k, read at the stencil entries only.
+    PyTorch on both backends.
+    """
+
+    @staticmethod
+    def forward(ctx, f, w, d, alpha, iterations, offsets, exact, info=None):
+        B, H, W = f.shape
+        radius, c_phi, coef, degree = _series_plan(w, d, alpha, iterations, offsets, exact, f.dtype)
+        scaled = FlatStencil(w, d, offsets, 2.0 / radius)
+        vy = _basis(f.reshape(-1), scaled, degree)
+        n_phi = c_phi.shape[0]
+        phi_f = torch.tensordot(c_phi.to(f.device, f.dtype), vy[:n_phi, 0], 1)
+        u = FlatStencil(w, d, offsets).matmul_into(phi_f, torch.empty_like(phi_f))
+        if info is not None:
+            info.update(radius=radius, degree_phi=n_phi - 1, basis_degree=degree,
+                        degree_psi=None if exact else int(coef[:, 1].nonzero().max()))
+        ctx.save_for_backward(w, d, vy, phi_f)
+        ctx.args = (radius, coef, offsets)
+        return u.reshape(B, H, W)
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        w, d, vy, phi_f = ctx.saved_tensors
+        radius, coef, offsets = ctx.args
+        B, H, W = grad_u.shape
+        g = grad_u.reshape(-1).to(vy.dtype)
+        L = FlatStencil(w, d, offsets)
+        Lg = L.matmul_into(g, torch.empty_like(g))
+        h = torch.stack([Lg, g]) if coef.shape[1] == 2 else Lg[None]
+        grad_f, reader = _adjoint_sweep(h, coef.to(g.device), L.__class__(w, d, offsets, 2.0 / radius),
+                                        vy, radius, offsets, W)
+        valid, _ = grid_masks(H, W, 2 * len(offsets), w.dtype, w.device)
+        grad_w, grad_d = reader.result((B, H, W), valid, -1.0 / radius)
+        outer = StencilReader(g, offsets, W)                         # g (phi(Z) F)^T
+        outer.add(g, phi_f)
+        gw, gd = outer.result((B, H, W), valid, 1.0)
+        return grad_f.reshape(B, H, W), grad_w + gw, grad_d + gd, None, None, None, None, None

@@ -1,0 +1,167 @@
+"""The Chebyshev series of the p = 16 block (scm_ops/structured/chebyshev.py) against dense
+Newton-Schulz on a dense L built here cell by cell, both gradient semantics; its
+coefficients against the function they approximate; its radius and divergence check."""
+import math
+
+import pytest
+import torch
+
+from scm_ops.newton_schulz import NewtonSchulzDivergenceError
+from scm_ops.reference import newton_schulz_inverse_ref
+from scm_ops.structured.chebyshev import (DEGREE_TOLERANCE, ChebyshevFilter, chebyshev_coefficients,
+                                          rounded_radius, series_radius)
+from scm_ops.testing import assert_rel_rmse
+
+OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
+
+
+def random_stencil(batch, connectivity, grid, dtype, seed=0):
+    """w [B, K, H, W] (0 where the neighbour leaves the grid), d [B, H, W] of a symmetric L
+    shaped like a block's at lam near 1: off-diagonal entries in (-0.2, 1], small diagonal."""
+    g = torch.Generator().manual_seed(seed)
+    H, W = grid
+    offsets = OFFSETS[connectivity]
+    w = 1 - 1.2 * torch.rand(batch, len(offsets), H, W, generator=g, dtype=torch.float64)
+    for k, (dr, dc) in enumerate(offsets):
+        for r in range(H):
+            for c in range(W):
+                if not (0 <= r + dr < H and 0 <= c + dc < W):
+                    w[:, k, r, c] = 0
+    d = 0.5 * torch.rand(batch, H, W, generator=g, dtype=torch.float64)
+    return w.to(dtype), d.to(dtype)
+
+
+def dense_laplacian(w, d, offsets):
+    """The dense [B, N, N] symmetric L of a stencil, entry by entry (independent of the
+    package's stencil_to_dense)."""
+    B, _, H, W = w.shape
+    rows = []
+    for b in range(B):
+        L = [[0.0] * (H * W) for _ in range(H * W)]
+        entries = []
+        for r in range(H):
+            for c in range(W):
+                n = r * W + c
+                entries.append((n, n, d[b, r, c]))
+                for k, (dr, dc) in enumerate(offsets):
+                    if 0 <= r + dr < H and 0 <= c + dc < W:
+                        m = (r + dr) * W + c + dc
+                        entries += [(n, m, w[b, k, r, c]), (m, n, w[b, k, r, c])]
+        idx = torch.tensor([(i, j) for i, j, _ in entries])
+        vals = torch.stack([v for _, _, v in entries])
+        rows.append(torch.zeros(H * W, H * W, dtype=w.dtype).index_put((idx[:, 0], idx[:, 1]), vals))
+    return torch.stack(rows)
+
+
+def reference(f, w, d, alpha, p, offsets, exact):
+    """u = X_p^T F with X_p from dense Newton-Schulz (autograd through every product)."""
+    L = dense_laplacian(w, d, offsets)
+    x = newton_schulz_inverse_ref(L, p, alpha, detach_init=not exact)
+    return (x.transpose(1, 2) @ f.reshape(f.shape[0], -1, 1)).reshape(f.shape)
+
+
+def values_and_gradients(fn, f, w, d, weights):
+    leaves = [t.clone().requires_grad_() for t in (f, w, d)]
+    u = fn(*leaves)
+    return [u] + list(torch.autograd.grad((u * weights).sum(), leaves))
+
+
+# float64, against dense Newton-Schulz in float64 (p = 16, 7 x 9 grid): measured forward
+# 1.1e-11 (4 neighbours) and 1.8e-11 (8), gradients up to 3.8e-10. The series itself is cut
+# at 1e-12 of max|phi| (about 2e-12 relative); the rest is rounding in the two float64
+# computations (the dense one takes 32 products of 63 x 63 matrices).
+TOL_FP64 = (2e-10, 4e-9)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["published_grad", "exact_grad"])
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_series_matches_dense_newton_schulz_float64(connectivity, exact):
+    offsets = OFFSETS[connectivity]
+    grid = (7, 9)
+    w, d = random_stencil(2, connectivity, grid, torch.float64)
+    f = torch.rand(2, *grid, dtype=torch.float64)
+    weights = torch.randn(2, *grid, dtype=torch.float64)
+    ours = values_and_gradients(lambda *x: ChebyshevFilter.apply(*x, 0.002, 16, offsets, exact), f, w, d, weights)
+    ref = values_and_gradients(lambda *x: reference(*x, 0.002, 16, offsets, exact), f, w, d, weights)
+    for i, (name, a, r) in enumerate(zip(("u", "dF", "dw", "dd"), ours, ref)):
+        assert_rel_rmse(a, r, TOL_FP64[i > 0], name)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["published_grad", "exact_grad"])
+def test_series_float32_against_float64_reference(exact):
+    """float32 series against the float64 dense reference. Measured (14 x 14, B = 3,
+    R = 4, degree 170-186): forward 6.4e-6, gradients up to 8.3e-6, float32 rounding in the
+    recurrence amplified by the ratio max phi / max g (dense Newton-Schulz in float32:
+    6e-7); bound about 10x."""
+    offsets = OFFSETS[4]
+    grid = (14, 14)
+    w, d = random_stencil(3, 4, grid, torch.float64, seed=3)
+    f = torch.rand(3, *grid, dtype=torch.float64)
+    weights = torch.randn(3, *grid, dtype=torch.float64)
+    ours = values_and_gradients(lambda *x: ChebyshevFilter.apply(*x, 0.002, 16, offsets, exact),
+                                f.float(), w.float(), d.float(), weights.float())
+    ref = values_and_gradients(lambda *x: reference(*x, 0.002, 16, offsets, exact), f, w, d, weights)
+    for i, (name, a, r) in enumerate(zip(("u", "dF", "dw", "dd"), ours, ref)):
+        assert_rel_rmse(a, r, 6e-5 if i == 0 else 8e-5, name)
+
+
+def test_gradcheck_exact_gradient_small_degree():
+    """Finite differences through the whole Function (p = 6: a short series). Only the
+    exact gradient is the derivative of the forward; the published one (X_0 detached) is
+    held to the dense reference above."""
+    offsets = OFFSETS[4]
+    w, d = random_stencil(1, 4, (3, 4), torch.float64)
+    f = torch.rand(1, 3, 4, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (f, w, d)]
+    assert torch.autograd.gradcheck(lambda *x: ChebyshevFilter.apply(*x, 0.05, 6, offsets, True), leaves)
+
+
+@pytest.mark.parametrize("radius", [0.3, 1.0, 4.5, 12.0])
+def test_coefficients_reproduce_phi_and_psi(radius):
+    """The truncated series evaluated by the three-term recurrence at 2000 points of
+    [0, R^2] against phi and psi in float64: max error within the truncation tolerance
+    (measured below 1e-12 of max|f| everywhere for both)."""
+    alpha, p = 0.002, 16
+    K = 2.0 ** p
+    c_phi, c_psi = chebyshev_coefficients(radius, alpha, p, DEGREE_TOLERANCE[torch.float64])
+    R = rounded_radius(radius)
+    z = torch.linspace(0, R * R, 2000, dtype=torch.float64)
+    y = 1 - 2 * z / (R * R)
+    with torch.no_grad():
+        logs = torch.log1p(-alpha * z)
+        phi = torch.where(z > 0, -torch.expm1(K * logs) / z.clamp(min=1e-300), torch.full_like(z, alpha * K))
+        psi = torch.exp(K * logs)
+    for coef, exact, scale in ((c_phi, phi, alpha * K), (c_psi, psi, 1.0)):
+        t0, t1 = torch.ones_like(y), y
+        series = coef[0] * t0 + coef[1] * t1
+        for c in coef[2:]:
+            t0, t1 = t1, 2 * y * t1 - t0
+            series = series + c * t1
+        assert (series - exact).abs().max() <= 2 * DEGREE_TOLERANCE[torch.float64] * scale
+
+
+def test_coefficients_cached_and_degree_grows_with_radius():
+    tol = DEGREE_TOLERANCE[torch.float32]
+    first = chebyshev_coefficients(4.5, 0.002, 16, tol)
+    assert chebyshev_coefficients(4.49, 0.002, 16, tol) is first          # same rounded radius
+    degrees = [chebyshev_coefficients(r, 0.002, 16, tol)[0].shape[0] - 1 for r in (1.0, 2.0, 4.0)]
+    assert degrees[0] < degrees[1] < degrees[2]
+    assert 1.8 < degrees[2] / degrees[1] < 2.2                            # about linear in R
+    assert rounded_radius(4.5) >= 4.5 and rounded_radius(4.5) < 4.5 * 2 ** (1 / 16) + 1e-12
+
+
+def test_radius_uses_sigma_where_gershgorin_is_loose_and_divergence_raises():
+    """A stencil whose Gershgorin bound (32) is too loose to show convergence
+    (alpha R^2 = 2.05) but whose sigma_max (~25.9) converges: the series runs on
+    [0, sigma_max^2]. A larger entry that makes Newton-Schulz diverge raises."""
+    offsets = OFFSETS[4]
+    w = torch.zeros(1, 2, 4, 4, dtype=torch.float64)
+    d = torch.zeros(1, 4, 4, dtype=torch.float64)
+    w[0, 0, 1, 1] = 16.0                    # L[(1,1), (1,2)]
+    d[0, 1, 1] = 16.0                        # row sum of (1,1): 32
+    sigma = torch.linalg.eigvalsh(dense_laplacian(w, d, offsets)).abs().max().item()
+    assert 0.002 * 32.0 ** 2 >= 2 > 0.002 * sigma ** 2
+    assert series_radius(w, d, offsets, 0.002) == pytest.approx(sigma, rel=1e-12)
+    d[0, 1, 1] = 30.0
+    with pytest.raises(NewtonSchulzDivergenceError, match="sigma_max"):
+        series_radius(w, d, offsets, 0.002)
