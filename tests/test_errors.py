@@ -60,3 +60,33 @@ def test_environment_forces_backend(monkeypatch):
     monkeypatch.setenv("SCM_OPS_BACKEND", "bogus")
     with pytest.raises(ValueError, match="'bogus'"):
         scm_ops.cosine_similarity(f64(1, 4, 3))
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    # outside autocast the two maps must share a dtype (inside, half and float32 may mix)
+    (lambda m: m(torch.rand(2, 12), torch.rand(2, 3, 3, 4).half()), TypeError,
+     "attention is torch.float32 but semantic is torch.float16"),
+    (lambda m: m(torch.rand(2, 12), torch.rand(2, 3, 3, 4, device="meta")), ValueError,
+     "attention is on cpu but semantic is on meta"),
+    (lambda m: m(torch.rand(2, 12), torch.rand(2, 3, 3, 4).int()), TypeError, "semantic must be float"),
+    (lambda m: m(torch.rand(2, 12), torch.full((2, 3, 3, 4), float("inf"))), ValueError, "semantic contains NaN"),
+])
+def test_module_bad_input_raises(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call(scm_ops.ActivationDiffusion((3, 4)))
+
+
+def test_module_non_finite_parameter_is_reported():
+    module = scm_ops.ActivationDiffusion((3, 4))
+    with torch.no_grad():
+        module.beta[2] = float("nan")
+    with pytest.raises(ValueError, match="lam or beta of ActivationDiffusion contains NaN"):
+        module(torch.rand(2, 12), torch.rand(2, 3, 3, 4))
+
+
+def test_checks_off_skip_the_finite_check(monkeypatch):
+    """SCM_OPS_CHECKS=0: no host synchronisation, so a NaN goes through (and comes out)."""
+    monkeypatch.setenv("SCM_OPS_CHECKS", "0")
+    module = scm_ops.ActivationDiffusion((3, 4), iterations=(4,))  # (eigh, for p = 16, fails on NaN)
+    f, s = module(torch.rand(2, 12), torch.full((2, 3, 3, 4), float("nan")))
+    assert torch.isnan(s).all()

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import scm_ops
@@ -18,6 +19,50 @@ def test_opcheck_all_operators():
     torch.library.opcheck(torch.ops.scm_ops.cosine_similarity.default, (x, "torch"))
     torch.library.opcheck(torch.ops.scm_ops.spatial_semantic_laplacian.default, (e, lam, 3, 4, 8, "torch"))
     torch.library.opcheck(torch.ops.scm_ops.newton_schulz_inverse.default, (L, 3, 0.05, False, "torch"))
+
+
+def test_opcheck_strided_inputs_and_backward_operators():
+    """Transposed (non-contiguous) inputs: the fake implementations must give the strides
+    the real ones return (a compiled backward asserts them), and the backward operators
+    are checked on their own."""
+    x = torch.randn(2, 5, 12, dtype=torch.float64).transpose(1, 2)
+    e = torch.randn(2, 12, 12, dtype=torch.float64).transpose(1, 2)
+    lam = torch.tensor([0.5, 1.5], dtype=torch.float64)
+    L = (torch.eye(12, dtype=torch.float64) * 3 + 0.1 * torch.randn(2, 12, 12, dtype=torch.float64)).transpose(1, 2)
+    grad = torch.randn(2, 12, 12, dtype=torch.float64).transpose(1, 2)
+    ops = torch.ops.scm_ops
+    for t in (x, e, lam, L):
+        t.requires_grad_()
+    torch.library.opcheck(ops.cosine_similarity.default, (x, "torch"))
+    torch.library.opcheck(ops.spatial_semantic_laplacian.default, (e, lam, 3, 4, 4, "torch"))
+    torch.library.opcheck(ops.newton_schulz_inverse.default, (L, 3, 0.05, False, "torch"))
+    torch.library.opcheck(ops.newton_schulz_inverse.default, (L, 0, 0.05, False, "torch"))
+    with torch.no_grad():
+        e_x, rnorm = ops.cosine_similarity(x, "torch")
+        _, xs, ts = ops.newton_schulz_inverse(L, 3, 0.05, False, "torch")
+    torch.library.opcheck(ops.cosine_similarity_backward.default, (grad, e_x, x.detach(), rnorm, "torch"))
+    torch.library.opcheck(ops.spatial_semantic_laplacian_backward.default,
+                          (grad, e.detach(), lam.detach(), 3, 4, 4, "torch"))
+    torch.library.opcheck(ops.newton_schulz_inverse_backward.default,
+                          (grad, L.detach(), xs, ts, 0.05, True, "torch"))
+
+
+def test_opcheck_check_operators():
+    """The checks ActivationDiffusion keeps in a compiled graph (docs/maths.md, "Checks
+    under torch.compile"): registered, and raising on bad values."""
+    token = torch.zeros(())
+    w, d = 0.1 * torch.randn(2, 2, 3, 4), torch.randn(2, 3, 4)
+    lam = torch.tensor(1.0)
+    ops = torch.ops.scm_ops
+    torch.library.opcheck(ops.assert_finite.default, (token, torch.randn(3), "x"))
+    torch.library.opcheck(ops.assert_block_converges.default, (token, torch.rand(2), lam, 0.002, 0))
+    torch.library.opcheck(ops.assert_stencil_converges.default, (token, w, d, lam, 0.002, 1, 4))
+    with pytest.raises(ValueError, match="x contains NaN"):
+        ops.assert_finite(token, torch.tensor([0.0, float("nan")]), "x")
+    with pytest.raises(scm_ops.NewtonSchulzDivergenceError, match="block 2: lam=1 .* batch item 1"):
+        ops.assert_block_converges(token, torch.tensor([1.0, 40.0]), lam, 0.002, 2)
+    with pytest.raises(scm_ops.NewtonSchulzDivergenceError, match="block 1: lam=1 .* batch item 0"):
+        ops.assert_stencil_converges(token, w, d * 100, lam, 0.002, 1, 4)
 
 
 def scm_block(s, lam):
@@ -39,6 +84,19 @@ def test_torch_compile_fullgraph_chain():
     grads_ref = torch.autograd.grad(ref, (s, lam), g)
     for a, b in zip(grads, grads_ref):
         assert_rel_rmse(a, b, 1e-5, "compiled backward")
+
+
+def test_torch_compile_fullgraph_chain_inside_autocast():
+    """Compiled inside torch.autocast, a bfloat16 input gives the float32 result of eager
+    float32 on the same values (the casts and the autocast rule trace into the graph)."""
+    torch._dynamo.reset()
+    s = torch.randn(2, 20, 7).bfloat16()
+    lam = torch.tensor(1.1)
+    compiled = torch.compile(scm_block, fullgraph=True, backend="inductor")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = compiled(s, lam)
+    assert out.dtype == torch.float32
+    assert_rel_rmse(out, scm_block(s.float(), lam), 1e-6, "compiled under autocast")
 
 
 def test_every_kernel_configuration_compiles_for_sm80_and_sm90(tmp_path):
