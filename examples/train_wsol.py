@@ -1,18 +1,20 @@
-"""Train a small ViT for weakly supervised object localisation, with and without SCM.
+"""Weakly supervised object localisation with a ViT: the TS-CAM baseline against SCM.
 
-    python examples/train_wsol.py --mode quick            # < 2 minutes on 2 CPU cores
-    python examples/train_wsol.py --mode full --seed 1    # < 15 minutes
-    torchrun --nproc_per_node=2 examples/train_wsol.py --mode quick   # DDP, gloo on CPU
+    python examples/train_wsol.py --mode quick             # < 2 min on 2 CPU cores: smoke check
+    python examples/train_wsol.py --mode full --seed 1     # the synthetic benchmark, one seed
+    python examples/train_wsol.py --mode pretrain          # remakes examples/pretrained/tinyvit_parts.pt
+    python examples/train_wsol.py --dataset cub --data-root CUB_200_2011 --mode quick
+    python examples/train_wsol.py --dataset wsol --metadata-root metadata/ILSVRC --data-root ILSVRC
+    python examples/train_wsol.py --backbone deit_small_patch16_224 --dataset cub ...  # needs timm
+    torchrun --nproc_per_node=2 examples/train_wsol.py --mode quick   # DDP (gloo on the CPU)
 
-Trains on image labels only, on the synthetic shapes benchmark (synthetic_shapes.py).
-As in the paper, where TS-CAM and SCM both fine-tune an ImageNet-pretrained DeiT, both
-models here fine-tune one shared backbone: first a ViT is pretrained with image labels
-(GAP of S0, the TS-CAM objective) on the training split, since no pretrained weights can
-be downloaded; then two copies are fine-tuned for the same number of epochs, the TS-CAM
-baseline (loss on GAP of S0) and SCM (loss on GAP of S after scm_ops.ActivationDiffusion).
-At inference SCM is dropped and both localise with F0 * S0[c] (SPEC sections 2 and 6).
-Writes, under --out: metrics.json, a printed table (baseline, scm, the pretrained starting
-point and the floors), figure.png and checkpoints.
+Both models train on image labels only and start from one pretrained backbone, as in the
+paper (where both fine-tune an ImageNet-pretrained DeiT): the TS-CAM baseline with the loss
+on GAP(S0), SCM with the loss on GAP(S) after scm_ops.ActivationDiffusion. F0 is the
+class-token attention summed over blocks (scm_ops.attention.ClassAttentionRecorder, which
+reads it from the unmodified attention modules), S0 a 3 x 3 conv over the final-norm patch
+tokens. At inference SCM is dropped and both localise with F0 * S0[c]. Writes, under
+--out: metrics.json, figure.png, baseline.pt and scm.pt. See docs/example.md.
 """
 from __future__ import annotations
 
@@ -23,95 +25,66 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 import scm_ops  # noqa: E402
+from scm_ops.attention import ClassAttentionRecorder  # noqa: E402
 from scm_ops.wsol import BoxEvaluator  # noqa: E402
-from synthetic_shapes import CLASSES, make_split  # noqa: E402
+from backbone import build_backbone  # noqa: E402
+import datasets  # noqa: E402
 
-MODES = {  # images, pretraining and fine-tuning epochs; sized for a 2-core CPU
-    "quick": dict(train=1200, test=300, pretrain_epochs=2, epochs=2),
-    "full": dict(train=6000, test=1000, pretrain_epochs=30, epochs=5),
+SHIPPED_BACKBONE = os.path.join(HERE, "pretrained", "tinyvit_parts.pt")
+# Sizes per mode for the synthetic benchmark (images, epochs); on real data quick mode takes
+# seeded subsets of the same sizes and full mode the whole splits.
+MODES = {
+    "quick": dict(train=512, test=256, epochs=1, lr=2e-4),
+    "full": dict(train=4000, test=1000, epochs=5, lr=5e-4),
+    "pretrain": dict(train=4000, test=500, epochs=15, lr=2e-3),
 }
-IMAGE, PATCH = 64, 8
-PRETRAIN_LR = float(os.environ.get("WSOL_PRETRAIN_LR", "2e-3"))
-LR = float(os.environ.get("WSOL_LR", "5e-4"))  # fine-tuning, both models
-GRID = (IMAGE // PATCH, IMAGE // PATCH)
 
 
 # ----------------------------------------------------------------------------- model
-class Attention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        attn = (q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)).softmax(-1)  # [B, heads, T, T]
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, T, D)), attn
-
-
-class Block(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, x):
-        y, attn = self.attn(self.norm1(x))
-        x = x + y
-        return x + self.mlp(self.norm2(x)), attn
-
-
-class TinyViT(nn.Module):
-    """A ViT exposing each block's post-softmax attention, with TS-CAM heads:
-    F0 from class-token attention (scm_ops.attention_map_from_blocks) and S0 from a 3x3
-    conv over the final-norm patch tokens."""
-
-    def __init__(self, num_classes, dim=96, depth=4, heads=4):
-        super().__init__()
-        self.patch = nn.Conv2d(3, dim, PATCH, PATCH)
-        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, 1 + GRID[0] * GRID[1], dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Conv2d(dim, num_classes, 3, padding=1)
-
-    def forward(self, images):
-        x = self.patch(images).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1) + self.pos
-        attns = []
-        for blk in self.blocks:
-            x, a = blk(x)
-            attns.append(a)
-        tokens = self.norm(x)[:, 1:]
-        s0 = self.head(tokens.transpose(1, 2).reshape(len(x), -1, *GRID))
-        f0 = scm_ops.attention_map_from_blocks(attns, GRID)
-        return f0, s0
-
-
 class WSOLModel(nn.Module):
-    """Backbone plus, for SCM, the activation diffusion stack used in training only."""
+    """A backbone with TS-CAM heads and, for SCM, the activation diffusion stack (training
+    only). forward(images [B, 3, S, S]) -> logits [B, C], F0 [B, H, W], S0 [B, C, H, W].
+    Logits are the spatial mean of S0 (of S after SCM in training), or with
+    token_classes the class-token classifier's (the DeiT-style pretraining)."""
 
-    def __init__(self, num_classes, use_scm):
+    def __init__(self, backbone: nn.Module, num_classes: int, use_scm: bool, token_classes: int = 0):
         super().__init__()
-        self.backbone = TinyViT(num_classes)
-        self.scm = scm_ops.ActivationDiffusion(GRID) if use_scm else None
+        self.backbone = backbone
+        self.head = nn.Conv2d(backbone.embed_dim, num_classes, 3, padding=1)
+        self.token_head = nn.Linear(backbone.embed_dim, token_classes) if token_classes else None
+        self.scm = scm_ops.ActivationDiffusion(backbone.grid) if use_scm else None
+        self.recorder = ClassAttentionRecorder(backbone.attention_modules, backbone.grid).__enter__()
 
     def forward(self, images):
-        f0, s0 = self.backbone(images)
+        cls, tokens = self.backbone.tokens(images)                  # [B, dim], [B, N, dim]
+        f0 = self.recorder.attention_map()                          # [B, H, W]
+        s0 = self.head(tokens.transpose(1, 2).reshape(len(tokens), -1, *self.backbone.grid))
+        if self.token_head is not None:
+            return self.token_head(cls), f0, s0
         if self.training and self.scm is not None:
             _, s = self.scm(f0, s0)
             return s.mean((2, 3)), f0, s0
         return s0.mean((2, 3)), f0, s0
+
+
+def load_pretrained(model: WSOLModel, path: str) -> dict:
+    """Loads the backbone of a checkpoint written by --mode pretrain (the TS-CAM head starts
+    afresh). Returns the checkpoint's metadata."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt["backbone_config"] != model.backbone.config:
+        raise ValueError(f"{path} holds a backbone {ckpt['backbone_config']}, the model is "
+                         f"{model.backbone.config}: pass --pretrained none or a matching checkpoint")
+    model.backbone.load_state_dict({k: v.float() for k, v in ckpt["backbone"].items()})
+    return {k: v for k, v in ckpt.items() if k != "backbone"}
 
 
 # ----------------------------------------------------------------------------- training
@@ -124,27 +97,34 @@ def log(*args):
         print(*args, flush=True)
 
 
-def train(model, images, labels, epochs, seed, desc, lr):
+def train(model, dataset, epochs, seed, desc, lr, workers=0, batch_size=64):
     from tqdm import tqdm
     g = torch.Generator().manual_seed(seed)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = next(model.parameters()).device
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    batch = 64 // world
-    steps_per_epoch = len(images) // (batch * world)
+    batch = batch_size // world
+    steps_per_epoch = max(1, len(dataset) // (batch * world))
     total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)
-    bar = tqdm(total=total, desc=desc, disable=None if is_main() else True, mininterval=2)
+    warm = max(1, total // 10)   # linear warm-up over 10 % of the steps, then a cosine decay
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (t + 1) / warm if t < warm else
+                                              0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm))))
+    bar = tqdm(total=total, desc=desc, disable=not is_main(), mininterval=5, file=sys.stdout)
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(len(images), generator=g)  # same on every rank: then sharded
-        for step in range(steps_per_epoch):
-            idx = order[(step * world + rank) * batch:(step * world + rank + 1) * batch]
-            x = torch.from_numpy(images[idx.numpy()])
-            if torch.rand((), generator=g) < 0.5:
+        order = torch.randperm(len(dataset), generator=g)  # the same on every rank, then sharded
+        batches = [order[(s * world + rank) * batch:(s * world + rank + 1) * batch].tolist()
+                   for s in range(steps_per_epoch)]
+        flips = torch.rand(steps_per_epoch, generator=g) < 0.5
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                             collate_fn=datasets.collate)
+        for flip, (x, y, _) in zip(flips, loader):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if flip:
                 x = x.flip(3)
             logits, _, _ = net(x)
-            loss = F.cross_entropy(logits, torch.from_numpy(labels[idx.numpy()]))
+            loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # SCM's (1 + tau) products scale S up to 16x
@@ -157,119 +137,279 @@ def train(model, images, labels, epochs, seed, desc, lr):
 
 
 @torch.no_grad()
-def predict(model, images, batch=200):
+def evaluate(model, dataset, desc, keep=6, workers=0, batch=128, f0_only=False, classify=True):
+    """Metrics of F0 * S0[c] (c the ground-truth class; F0 alone with f0_only) against the
+    boxes, and the first `keep` images with their maps for the figure."""
+    from tqdm import tqdm
     model.eval()
-    out = [model(torch.from_numpy(images[i:i + batch])) for i in range(0, len(images), batch)]
-    logits, f0, s0 = (torch.cat(t) for t in zip(*out))
-    return logits, f0, s0
+    size = model.backbone.image_size
+    ev = BoxEvaluator((size, size))
+    kept = dict(images=[], labels=[], boxes=[], f0=[], s0=[], maps=[], logits=[])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=datasets.collate)
+    device = next(model.parameters()).device
+    for x, y, boxes in tqdm(loader, desc=desc, disable=not is_main(), mininterval=5, file=sys.stdout):
+        logits, f0, s0 = (t.float().cpu() for t in model(x.to(device)))
+        maps = f0 if f0_only else scm_ops.localization_map(f0, s0, y)
+        ev.accumulate(maps.numpy(), boxes, y.numpy(), logits.numpy() if classify else None)
+        if len(kept["labels"]) < keep:
+            kept["images"] += list(x[:keep].numpy())
+            kept["labels"] += y[:keep].tolist()
+            kept["boxes"] += boxes[:keep]
+            kept["f0"] += list(f0[:keep].numpy())
+            kept["s0"] += list(s0[torch.arange(len(y)), y][:keep].numpy())
+            kept["maps"] += list(maps[:keep].numpy())
+    return ev.compute(), {k: v[:keep] for k, v in kept.items()}
 
 
-def evaluate(model, images, labels, boxes):
-    logits, f0, s0 = predict(model, images)
-    maps = scm_ops.localization_map(f0, s0, torch.from_numpy(labels))
-    ev = BoxEvaluator((IMAGE, IMAGE))
-    ev.accumulate(maps.numpy(), boxes[:, None], labels, logits.numpy())
-    return ev.compute(), dict(logits=logits, f0=f0, s0=s0, maps=maps)
-
-
-def fixed_box_floor(box, boxes, labels, logits):
-    ev = BoxEvaluator((IMAGE, IMAGE))
-    ev.accumulate_boxes([box] * len(boxes), boxes[:, None], labels, logits.numpy())
+def fixed_box_floor(box, dataset, logits_model=None):
+    """Metrics of one fixed box for every image (classes from logits_model, if given)."""
+    size = dataset_size(dataset)
+    ev = BoxEvaluator((size, size))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=128, collate_fn=datasets.collate)
+    with torch.no_grad():
+        for x, y, boxes in loader:
+            logits = None
+            if logits_model is not None:
+                logits = logits_model(x.to(next(logits_model.parameters()).device))[0].cpu().numpy()
+            ev.accumulate_boxes([box] * len(y), boxes, y.numpy(), logits)
     return ev.compute()
 
 
+def dataset_size(dataset):
+    return dataset[0][0].shape[-1]
+
+
 # ----------------------------------------------------------------------------- outputs
-def figure(path, images, labels, boxes, runs, n=6):
+def largest_contour_box(cam, size, threshold):
+    """The box of the largest contour of a map at a threshold (for drawing), wsolevaluation's
+    conventions: resized, min-max, uint8, foreground > threshold * max."""
+    import cv2
+    from scm_ops.wsol import normalize_map
+    scaled = (normalize_map(cam, (size, size)) * 255).astype(np.uint8)
+    _, mask = cv2.threshold(scaled, int(threshold * scaled.max()), 255, cv2.THRESH_BINARY)
+    contours = cv2.findContours(mask, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
+    if not contours:
+        return None
+    x, y, w, h = cv2.boundingRect(max(contours, key=cv2.contourArea))
+    return x, y, min(x + w, size - 1), min(y + h, size - 1)
+
+
+def figure(path, classes, runs, size):
+    """Per image: the image with the ground-truth box and each model's box, then for each
+    model F0, S0[c] and F0 * S0[c] (c the ground-truth class), each with its colour bar."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from scm_ops.wsol import boxes_at_thresholds, box_iou, normalize_map
-    cols = ["image"] + [f"{name}: {c}" for name in runs for c in ("F0", "S0[c]", "F0*S0[c]")]
-    fig, axes = plt.subplots(n, len(cols), figsize=(1.9 * len(cols), 1.9 * n))
-    colours = {"baseline": "red", "scm": "deepskyblue"}
+    from matplotlib.lines import Line2D
+    colours = {"baseline": "tab:red", "scm": "tab:blue", "ground truth": "lime"}
+    names = {"baseline": "TS-CAM baseline", "scm": "SCM"}
+    first = next(iter(runs.values()))[0]
+    n = len(first["labels"])
+    cols = 1 + 3 * len(runs)
+    fig, axes = plt.subplots(n, cols, figsize=(2.3 * cols, 2.1 * n + 0.6), squeeze=False)
     for i in range(n):
         ax = axes[i, 0]
-        ax.imshow(images[i].transpose(1, 2, 0))
-        x0, y0, x1, y1 = boxes[i]
-        ax.add_patch(plt.Rectangle((x0 - .5, y0 - .5), x1 - x0 + 1, y1 - y0 + 1, fill=False, ec="lime", lw=1.5))
-        for name, (res, thr) in runs.items():
-            scaled = normalize_map(res["maps"][i].numpy(), (IMAGE, IMAGE))
-            cand = boxes_at_thresholds(scaled, [thr])[0]
-            b = cand[box_iou(cand, boxes[i:i + 1])[:, 0].argmax()]
+        ax.imshow(first["images"][i].transpose(1, 2, 0).clip(0, 1))
+        for b in first["boxes"][i]:
             ax.add_patch(plt.Rectangle((b[0] - .5, b[1] - .5), b[2] - b[0] + 1, b[3] - b[1] + 1, fill=False,
-                                       ec=colours[name], lw=1.2, ls="--"))
-        ax.set_title(CLASSES[labels[i]], fontsize=8)
+                                       ec=colours["ground truth"], lw=1.8))
+        for name, (kept, thr) in runs.items():
+            b = largest_contour_box(kept["maps"][i], size, thr)
+            if b is not None:
+                ax.add_patch(plt.Rectangle((b[0] - .5, b[1] - .5), b[2] - b[0] + 1, b[3] - b[1] + 1, fill=False,
+                                           ec=colours[name], lw=1.5, ls="--"))
+        ax.set_ylabel(str(classes[first["labels"][i]]), fontsize=8)
         col = 1
-        for name, (res, _) in runs.items():
-            c = labels[i]
-            for m in (res["f0"][i], res["s0"][i, c], res["maps"][i]):
-                axes[i, col].imshow(m.numpy(), cmap="jet")
+        for name, (kept, _) in runs.items():
+            for title, m in (("F0", kept["f0"][i]), ("S0[c]", kept["s0"][i]), ("F0 * S0[c]", kept["maps"][i])):
+                im = axes[i, col].imshow(m, cmap="jet")
+                cb = fig.colorbar(im, ax=axes[i, col], fraction=0.046, pad=0.03)
+                cb.ax.tick_params(labelsize=6)
+                if i == 0:
+                    axes[i, col].set_title(f"{names[name]}: {title}", fontsize=8)
                 col += 1
-    for j, c in enumerate(cols):
-        axes[0, j].set_title(c if j else axes[0, 0].get_title(), fontsize=8)
+    axes[0, 0].set_title("image, boxes", fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("green: ground truth; red dashed: baseline box; blue dashed: SCM box", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    handles = [Line2D([], [], color=colours["ground truth"], lw=1.8, label="ground truth")]
+    handles += [Line2D([], [], color=colours[k], lw=1.5, ls="--", label=f"{names[k]} box (largest contour, "
+                       f"best threshold)") for k in runs]
+    fig.legend(handles=handles, loc="upper center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.1 * n + 0.6)))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def load_data(args, size):
+    """{"train", "test"} datasets for --dataset, sized by the mode."""
+    if args.dataset == "synthetic":
+        from synthetic_shapes import BODIES, CLASSES, make_split
+        n_train = args.train_size or MODES[args.mode]["train"]
+        n_test = args.test_size or MODES[args.mode]["test"]
+        if args.mode == "pretrain":   # pretraining classes: (body kind, badge class) pairs
+            tr = make_split(n_train, args.seed, "pretrain", size, with_bodies=True)
+            te = make_split(n_test, args.seed, "test", size, with_bodies=True)
+            names = [f"{c} on {b}" for b in BODIES for c in CLASSES]
+            return {"train": datasets.ArrayDataset(tr[0], tr[4] * len(CLASSES) + tr[1], tr[3], names),
+                    "test": datasets.ArrayDataset(te[0], te[4] * len(CLASSES) + te[1], te[3], names)}
+        tr = make_split(n_train, args.seed, "train", size)
+        te = make_split(n_test, args.seed, "test", size)
+        return {"train": datasets.ArrayDataset(tr[0], tr[1], tr[3], CLASSES),
+                "test": datasets.ArrayDataset(te[0], te[1], te[3], CLASSES)}
+    if not args.data_root:
+        raise SystemExit(f"--dataset {args.dataset} needs --data-root")
+    if args.dataset == "cub":
+        data = datasets.cub_splits(args.data_root, size)
+    else:
+        if not args.metadata_root:
+            raise SystemExit("--dataset wsol needs --metadata-root (a folder with train/ and test/ metadata)")
+        data = datasets.wsol_splits(args.metadata_root, args.data_root, size, args.eval_split)
+    quick = args.mode == "quick"
+    n_train = args.train_size or (MODES["quick"]["train"] if quick else None)
+    n_test = args.test_size or (MODES["quick"]["test"] if quick else None)
+    return {"train": datasets.subset(data["train"], n_train, args.seed),
+            "test": datasets.subset(data["test"], n_test, args.seed + 1)}
+
+
+def describe(args, cfg, data, pretrained_path):
+    what = {"synthetic": "the synthetic parts benchmark (examples/synthetic_shapes.py)",
+            "cub": f"CUB-200-2011 at {args.data_root}",
+            "wsol": f"wsolevaluation metadata {args.metadata_root} over {args.data_root}"}[args.dataset]
+    start = f"the pretrained backbone {os.path.relpath(pretrained_path)}" if pretrained_path else \
+        "a randomly initialised backbone" if args.backbone == "tiny" else f"timm's pretrained {args.backbone}"
+    lines = [f"== mode {args.mode}, seed {args.seed}, backbone {args.backbone}, data: {what}",
+             f"   {len(data['train'])} training / {len(data['test'])} test images, {len(data['train'].classes)} classes"]
+    if args.mode == "pretrain":
+        lines.append(f"   pretrains the backbone from scratch for {cfg['epochs']} epochs with a class-token "
+                     f"classifier (DeiT-style) on {len(data['train'].classes)} classes, (body kind, badge); "
+                     f"writes {os.path.relpath(args.save_backbone)}")
+    else:
+        lines.append(f"   fine-tunes {start} for {cfg['epochs']} epoch(s) at LR {cfg['lr']:g}, twice: TS-CAM "
+                     f"baseline and SCM; localises with F0 * S0[c]")
+    if args.mode == "quick":
+        lines.append("   quick mode is a smoke check of the pipeline on a small subset: the numbers show the "
+                     "maps localise, they are not a paper result")
+    return "\n".join(lines)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--mode", choices=sorted(MODES), default="quick")
+    parser.add_argument("--dataset", choices=("synthetic", "cub", "wsol"), default="synthetic")
+    parser.add_argument("--data-root", help="cub: the CUB_200_2011 folder; wsol: the folder image ids are relative to")
+    parser.add_argument("--metadata-root", help="wsol: the folder holding train/ and test/ (wsolevaluation's metadata/<DATASET>)")
+    parser.add_argument("--eval-split", default="test", help="wsol: the metadata split to evaluate on (test or val)")
+    parser.add_argument("--backbone", default="tiny", help="'tiny' (the example's ViT) or a timm model name, "
+                        "e.g. deit_small_patch16_224 (needs timm)")
+    parser.add_argument("--image-size", type=int, default=None, help="input size (default 112 tiny, 224 timm)")
+    parser.add_argument("--pretrained", default=None, help="checkpoint from --mode pretrain, or 'none' "
+                        "(default: the shipped one for the tiny backbone; timm models load their own weights)")
+    parser.add_argument("--save-backbone", default=SHIPPED_BACKBONE, help="pretrain mode: where to write")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch (split over DDP ranks)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; "
+                        "under torchrun each rank takes cuda:<local rank>)")
+    parser.add_argument("--train-size", type=int, default=None, help="number of training images (override)")
+    parser.add_argument("--test-size", type=int, default=None, help="number of test images (override)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output folder (default runs/<mode>-seed<seed>)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes (image files)")
     args = parser.parse_args(argv)
+    if args.mode == "pretrain" and args.dataset != "synthetic":
+        parser.error("--mode pretrain makes the shipped synthetic backbone: use it with --dataset synthetic")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     world = dist.get_world_size() if dist.is_initialized() else 1
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-    cfg = MODES[args.mode]
+    cfg = dict(MODES[args.mode])
+    cfg["epochs"] = args.epochs or cfg["epochs"]
+    cfg["lr"] = args.lr or cfg["lr"]
     out = args.out or f"runs/{args.mode}-seed{args.seed}"
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
-    tr_images, tr_labels, _, _ = make_split(cfg["train"], args.seed, "train")
-    te_images, te_labels, _, te_boxes = make_split(cfg["test"], args.seed, "test")
-    log(f"data: {cfg['train']} train / {cfg['test']} test images, {len(CLASSES)} classes "
-        f"({time.time() - t0:.0f} s)")
 
-    results, outputs = {}, {}
-    torch.manual_seed(args.seed)
-    pretrained = WSOLModel(len(CLASSES), use_scm=False)
-    if is_main():
-        results["untrained"], _ = evaluate(pretrained, te_images, te_labels, te_boxes)
-    train(pretrained, tr_images, tr_labels, cfg["pretrain_epochs"], args.seed, "pretrain", PRETRAIN_LR)
-    if is_main():
-        torch.save(pretrained.state_dict(), os.path.join(out, "pretrained.pt"))
-        results["pretrained"], _ = evaluate(pretrained, te_images, te_labels, te_boxes)
-    for name in ("baseline", "scm"):
+    def new_model(use_scm, num_classes):
         torch.manual_seed(args.seed)
-        model = WSOLModel(len(CLASSES), use_scm=name == "scm")
-        model.backbone.load_state_dict(pretrained.backbone.state_dict())  # same start for both
-        train(model, tr_images, tr_labels, cfg["epochs"], args.seed + 1, name, LR)
-        if is_main():
-            torch.save(model.state_dict(), os.path.join(out, f"{name}.pt"))
-            results[name], outputs[name] = evaluate(model, te_images, te_labels, te_boxes)
+        return WSOLModel(build_backbone(args.backbone, args.image_size), num_classes, use_scm).to(device)
+
+    probe = build_backbone(args.backbone, args.image_size) if args.backbone == "tiny" else None
+    size = probe.image_size if probe is not None else (args.image_size or 224)
+    data = load_data(args, size)
+    classes = data["train"].classes
+    pretrained_path = None
+    if args.mode != "pretrain" and args.backbone == "tiny" and args.pretrained != "none":
+        pretrained_path = args.pretrained or SHIPPED_BACKBONE
+    log(describe(args, cfg, data, pretrained_path))
+    results, kept = {}, {}
     if is_main():
-        logits = outputs["baseline"]["logits"]
-        q = IMAGE // 4
-        results["whole_image_box"] = fixed_box_floor((0, 0, IMAGE - 1, IMAGE - 1), te_boxes, te_labels, logits)
-        results["centred_box"] = fixed_box_floor((q, q, IMAGE - 1 - q, IMAGE - 1 - q), te_boxes, te_labels, logits)
+        results["untrained"], _ = evaluate(new_model(False, len(classes)), data["test"], "eval untrained")
+
+    if args.mode == "pretrain":
+        torch.manual_seed(args.seed)
+        model = WSOLModel(build_backbone(args.backbone, args.image_size), len(classes), False, len(classes)).to(device)
+        train(model, data["train"], cfg["epochs"], args.seed, "pretrain", cfg["lr"], args.workers, args.batch_size)
+        if is_main():
+            results["pretrained_f0"], _ = evaluate(model, data["test"], "eval pretrained", f0_only=True)
+            os.makedirs(os.path.dirname(os.path.abspath(args.save_backbone)), exist_ok=True)
+            torch.save(dict(backbone_config=model.backbone.config, classes=list(classes), seed=args.seed,
+                            epochs=cfg["epochs"], lr=cfg["lr"], train_images=len(data["train"]),
+                            backbone={k: v.half() for k, v in model.backbone.state_dict().items()}),
+                       args.save_backbone)
+    else:
+        start = new_model(False, len(classes))
+        if pretrained_path:
+            load_pretrained(start, pretrained_path)
+            if is_main():
+                results["pretrained_f0"], _ = evaluate(start, data["test"], "eval pretrained F0", f0_only=True,
+                                                       classify=False)
+        for name in ("baseline", "scm"):
+            model = new_model(name == "scm", len(classes))
+            model.backbone.load_state_dict(start.backbone.state_dict())   # the same start for both
+            model.head.load_state_dict(start.head.state_dict())
+            train(model, data["train"], cfg["epochs"], args.seed + 1, name, cfg["lr"], args.workers, args.batch_size)
+            if is_main():
+                torch.save(model.state_dict(), os.path.join(out, f"{name}.pt"))
+                results[name], kept[name] = evaluate(model, data["test"], f"eval {name}")
+
+    if is_main():
+        ref = model if args.mode == "pretrain" else None
+        q = size // 4
+        results["whole_image_box"] = fixed_box_floor((0, 0, size - 1, size - 1), data["test"], ref)
+        results["centred_box"] = fixed_box_floor((q, q, size - 1 - q, size - 1 - q), data["test"], ref)
         keys = ("top1_cls", "top1_loc", "gt_known_loc", "maxboxacc_v2")
-        table = {k: {m: round(v[m], 2) for m in keys} for k, v in results.items()}
-        summary = dict(mode=args.mode, seed=args.seed, world_size=world, seconds=round(time.time() - t0, 1),
-                       note="box floors use the baseline's class predictions for top1_cls/top1_loc",
-                       results=table)
+        table = {k: {m: round(v[m], 2) for m in keys if m in v} for k, v in results.items()}
+        rows = [r for r in ("baseline", "scm", "pretrained_f0", "whole_image_box", "centred_box", "untrained")
+                if r in table]
+        summary = dict(mode=args.mode, dataset=args.dataset, backbone=args.backbone, seed=args.seed,
+                       world_size=world, epochs=cfg["epochs"], lr=cfg["lr"], train_images=len(data["train"]),
+                       test_images=len(data["test"]), pretrained=pretrained_path and os.path.relpath(pretrained_path),
+                       seconds=round(time.time() - t0, 1),
+                       note="gt_known_loc: largest-contour MaxBoxAcc at IoU 0.5 (scm_ops.wsol); box floors "
+                            "have no classifier of their own", results=table)
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(summary, f, indent=1)
         log(f"\n{'':16s}" + "".join(f"{k:>14s}" for k in keys))
-        for name in ("baseline", "scm", "pretrained", "whole_image_box", "centred_box", "untrained"):
-            log(f"{name:16s}" + "".join(f"{table[name][k]:14.2f}" for k in keys))
-        figure(os.path.join(out, "figure.png"), te_images, te_labels, te_boxes,
-               {n: (outputs[n], results[n]["best_threshold"]) for n in ("baseline", "scm")})
-        log(f"\nwrote {out}/metrics.json, figure.png, baseline.pt, scm.pt in {time.time() - t0:.0f} s")
+        for name in rows:
+            log(f"{name:16s}" + "".join(f"{table[name][k]:14.2f}" if k in table[name] else f"{'-':>14s}"
+                                        for k in keys))
+        if args.mode != "pretrain":
+            floor = max(table[r]["gt_known_loc"] for r in ("whole_image_box", "centred_box", "untrained"))
+            margins = ", ".join(f"{n} {table[n]['gt_known_loc'] - floor:+.1f}" for n in ("baseline", "scm"))
+            log(f"\nGT-known Loc above the best floor ({floor:.1f}): {margins} points")
+            figure(os.path.join(out, "figure.png"), classes,
+                   {n: (kept[n], results[n]["best_threshold"]) for n in ("baseline", "scm")}, size)
+            log(f"wrote {out}/metrics.json, figure.png, baseline.pt, scm.pt in {time.time() - t0:.0f} s")
+        else:
+            log(f"wrote {args.save_backbone} and {out}/metrics.json in {time.time() - t0:.0f} s")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,0 +1,91 @@
+"""The example's --backbone: its own ViT, and the timm path (exercised with a stand-in timm
+module, since timm cannot be installed beside this torch)."""
+import os
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES)
+import backbone  # noqa: E402
+from train_wsol import WSOLModel  # noqa: E402
+
+
+class FakeTimmVit(nn.Module):
+    """What the example uses of a timm VisionTransformer: patch_embed.patch_size / grid_size,
+    embed_dim, blocks[i].attn (timm's Attention layout), forward_features -> [B, T, dim]
+    final-norm tokens with num_prefix_tokens in front (here 2, as a distilled DeiT)."""
+
+    def __init__(self, img_size=32, patch=8, dim=16):
+        super().__init__()
+        grid = img_size // patch
+        self.patch_embed = types.SimpleNamespace(patch_size=(patch, patch), grid_size=(grid, grid))
+        self.embed_dim, self.num_prefix_tokens = dim, 2
+        self.proj = nn.Conv2d(3, dim, patch, patch)
+        self.prefix = nn.Parameter(torch.randn(1, 2, dim))
+        self.blocks = nn.ModuleList(backbone.Block(dim, 2) for _ in range(2))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward_features(self, x):
+        x = self.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.prefix.expand(len(x), -1, -1), x], 1)
+        for b in self.blocks:
+            x = b(x)
+        return self.norm(x)
+
+
+@pytest.fixture
+def fake_timm(monkeypatch):
+    calls = []
+
+    def create_model(name, pretrained, num_classes, img_size):
+        calls.append(dict(name=name, pretrained=pretrained, num_classes=num_classes, img_size=img_size))
+        return FakeTimmVit(img_size=img_size)
+
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
+    return calls
+
+
+def test_timm_path_builds_f0_and_s0_without_editing_the_model(fake_timm):
+    bb = backbone.build_backbone("deit_small_distilled_patch16_224", image_size=32)
+    assert fake_timm == [dict(name="deit_small_distilled_patch16_224", pretrained=True, num_classes=0, img_size=32)]
+    assert bb.grid == (4, 4) and bb.embed_dim == 16
+    model = WSOLModel(bb, num_classes=5, use_scm=True).train()
+    logits, f0, s0 = model(torch.rand(3, 3, 32, 32))
+    assert logits.shape == (3, 5) and f0.shape == (3, 4, 4) and s0.shape == (3, 5, 4, 4)
+    assert torch.allclose(f0.amax((1, 2)), torch.ones(3)) and torch.allclose(f0.amin((1, 2)), torch.zeros(3))
+    logits.sum().backward()          # SCM training: gradients reach the attention through F0
+    assert bb.model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    # F0 is the recorder's, computed from the patch columns only (the 2 prefix tokens left out)
+    from scm_ops.attention import class_token_attention
+    with torch.no_grad():
+        x = torch.rand(2, 3, 32, 32)
+        model.eval()(x)
+        rows = []
+        h = bb.model.proj(x).flatten(2).transpose(1, 2)
+        h = torch.cat([bb.model.prefix.expand(2, -1, -1), h], 1)
+        for blk in bb.model.blocks:
+            rows.append(class_token_attention(blk.attn, blk.norm1(h)).mean(1))
+            h = blk(h)
+        f = torch.stack(rows).sum(0)[:, 2:]
+        f = (f - f.amin(1, keepdim=True)) / (f - f.amin(1, keepdim=True)).amax(1, keepdim=True)
+        torch.testing.assert_close(model.recorder.attention_map(), f.reshape(2, 4, 4), rtol=0, atol=1e-6)
+
+
+def test_missing_timm_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)       # import timm -> ImportError
+    with pytest.raises(ImportError, match="needs timm.*--backbone tiny"):
+        backbone.build_backbone("deit_small_patch16_224")
+
+
+def test_tiny_vit_checks_its_input_size():
+    bb = backbone.build_backbone("tiny", image_size=32)
+    cls, patches = bb.tokens(torch.rand(1, 3, 32, 32))
+    assert cls.shape == (1, bb.embed_dim) and patches.shape == (1, 16, bb.embed_dim)
+    with pytest.raises(ValueError, match="32, 32"):
+        bb.tokens(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        backbone.build_backbone("tiny", image_size=30)
