@@ -8,6 +8,11 @@ Operators (batched over the leading dimension, registered as ``torch.ops.scm_ops
 
 Backends: CUDA tensors run Triton kernels, CPU tensors plain PyTorch; ``backend=`` or the
 environment variable ``SCM_OPS_BACKEND=triton|torch`` forces one.
+
+Every operator and :class:`ActivationDiffusion` take float16, bfloat16, float32 and
+float64 and compute in float32 (float64 for float64); outputs keep the input dtype, or are
+float32 inside ``torch.autocast``. They compile with ``torch.compile(fullgraph=True)``,
+checks included, and accept an empty batch. The maths: docs/maths.md.
 """
 from .cosine import cosine_similarity
 from .laplacian import grid_laplacian, spatial_semantic_laplacian

@@ -21,12 +21,24 @@ MATRIX_FREE_MAX_STEPS = 64
 LARGE_P_ROUTES = ("chebyshev", "spectral", "newton_schulz")
 
 
+# Off the CPU, grids up to this many cells take dense Newton-Schulz (see below).
+DENSE_MAX_CELLS_OFF_CPU = 1024
+
+
 def default_large_p_route(device: torch.device, grid_size=None) -> str:
-    """The spectral form on the CPU, measured faster there (a batched eigh at B = 64,
-    N = 196 costs less than the 16 forward products of dense Newton-Schulz alone). Dense
-    Newton-Schulz on other devices: batched products suit a GPU and a batched eigh does
-    not. That GPU choice is not measured yet; the CUDA benchmarks time both routes."""
-    return "spectral" if device.type == "cpu" else "newton_schulz"
+    """The route of blocks with 2^p > MATRIX_FREE_MAX_STEPS on `device` for an (H, W) grid.
+
+    CPU: the Chebyshev series at every grid, measured faster than the spectral form at
+    14 x 14 (B = 64), 28 x 28 (B = 16) and 56 x 56 (B = 4), C = 200, on every input family
+    (docs/structured.md, "Choosing a route"); its cost grows as N, the others' as N^3.
+    Other devices (not measured): dense Newton-Schulz up to DENSE_MAX_CELLS_OFF_CPU cells,
+    where its 2p batched products are a few large GPU kernels while the PyTorch series is
+    some 20 small kernel launches per degree; the Chebyshev series above, where N^3 work and
+    the N x N iterates kept for backward grow out of bounds. Without a grid: as for 14 x 14."""
+    if device.type == "cpu":
+        return "chebyshev"
+    cells = grid_size[0] * grid_size[1] if grid_size is not None else 196
+    return "newton_schulz" if cells <= DENSE_MAX_CELLS_OFF_CPU else "chebyshev"
 
 
 def _safe_div(num, den):
@@ -42,7 +54,8 @@ def minmax_normalize(x: torch.Tensor, dims) -> torch.Tensor:
 
 
 class ActivationDiffusion(nn.Module):
-    """The Spatial Calibration Module's stack of activation diffusion blocks (SPEC section 3).
+    """The Spatial Calibration Module's stack of activation diffusion blocks (docs/maths.md,
+    "One activation diffusion block" and "The stack").
 
     Each block computes the cosine similarity E of the C-vectors of S, the masked Laplacian
     L = (D - A) * (lam E - 1) of the grid, M = X_p^T from p Newton-Schulz iterations
@@ -59,22 +72,28 @@ class ActivationDiffusion(nn.Module):
         connectivity: 4 (published) or 8 grid neighbours.
         exact_gradients: False (published): X_0 carries no gradient. True: the exact
             gradient of the truncated iteration.
-        implementation: "structured" (default): the fast path of SPEC section 4 (neighbour
-            cosines only, matrix-free blocks for small p, the spectral form for large p).
+        implementation: "structured" (default): the fast path of docs/structured.md (neighbour
+            cosines only, matrix-free blocks for small p, large_p_route for large p).
             "dense": the published dense formulation, run by scm_ops' three operators.
         backend: "triton", "torch" or None (SCM_OPS_BACKEND, else Triton kernels for CUDA
             tensors and PyTorch for the others). In the structured implementation the
-            neighbour cosines and the matrix-free blocks have Triton kernels; the spectral
-            block (one batched eigh) is PyTorch on both backends.
+            neighbour cosines and the matrix-free blocks have Triton kernels; the Chebyshev
+            and spectral routes of the large-p block are PyTorch on both backends.
         large_p_route: how the structured implementation runs blocks with 2^p > 64 steps
-            (the p = 16 block): "spectral" (eigh and the closed-form derivative),
-            "newton_schulz" (dense Newton-Schulz on the L of the stencil, scm_ops'
-            operator, Triton products on the Triton backend) or None: spectral on the
-            CPU, Newton-Schulz elsewhere (default_large_p_route).
+            (the p = 16 block): "chebyshev" (a Chebyshev series in L^2: cost and memory
+            linear in N, degree proportional to the Gershgorin bound R of L, so cheaper
+            on smooth or positive semantic maps; PyTorch on both backends), "spectral"
+            (eigh and the closed-form derivative, O(N^3)), "newton_schulz" (dense
+            Newton-Schulz on the L of the stencil, scm_ops' operator, Triton products on
+            the Triton backend) or None: default_large_p_route(device, grid), i.e.
+            Chebyshev on the CPU, Newton-Schulz off the CPU up to 32 x 32 cells.
 
     Shapes:
-        forward(attention, semantic): attention [B, N] or [B, H, W], semantic [B, C, H, W],
-        float32 or float64; returns (attention, semantic) after the stack, same shapes.
+        forward(attention, semantic): attention [B, N] or [B, H, W], semantic [B, C, H, W];
+        returns (attention, semantic) after the stack, same shapes. B may be 0 (empty
+        outputs). float16, bfloat16, float32 or float64, computed in float32 (float64 for
+        float64); outputs keep the input dtype, or are float32 inside torch.autocast
+        (docs/maths.md, "Mixed precision").
 
     Where the published code divides 0 by 0 (a constant map in min-max, a zero semantic
     vector in the cosine, an all-zero attention map) the result is the limit 0, not NaN.
@@ -210,7 +229,7 @@ class ActivationDiffusion(nn.Module):
         return minmax_normalize(t, (1, 2))
 
     def _forward_structured(self, f, s, lam, beta, backend):
-        """SPEC section 4. The residual update S <- S (1 + tau) scales each patch vector by a
+        """docs/structured.md. The residual update S <- S (1 + tau) scales each patch vector by a
         positive number (tau is in [0, 1]), and cosines do not see positive scales: every
         block's E equals the first block's, in value and, the cosine being homogeneous of
         degree 0, in gradient. So the neighbour cosines are computed once, and S is scaled
