@@ -17,7 +17,7 @@ import math
 import torch
 
 from ..newton_schulz import NewtonSchulzDivergenceError, divergence
-from .stencil import Stencil, grid_masks, stencil_to_dense
+from .stencil import FlatStencil, Stencil, StencilReader, grid_masks, stencil_to_dense
 
 __all__ = ["ChebyshevFilter", "chebyshev_coefficients", "series_radius", "DEGREE_TOLERANCE"]
 
@@ -120,68 +120,6 @@ def series_radius(w: torch.Tensor, d: torch.Tensor, offsets, alpha: float) -> fl
             raise NewtonSchulzDivergenceError(problem)
         bound[suspects] = torch.minimum(bound[suspects], sigma)
     return float(bound.max())
-
-
-class FlatStencil:
-    """A symmetric stencil acting on flat vectors [..., B * N] (images back to back).
-
-    In the flat layout the neighbour n + o_k of cell n is n + m_k with m_k = dr W + dc >= 0,
-    so each neighbour term is one multiply-add on two contiguous slices; the weight planes
-    are zeroed where n + o_k leaves the grid, which also zeroes the pairs that a flat shift
-    makes across a row end or an image end. A product is 1 + 2K in-place operations on
-    contiguous memory (K = 2 or 4 planes): fewer and cheaper than on [B, H, W] slices.
-    """
-
-    def __init__(self, w: torch.Tensor, d: torch.Tensor, offsets, scale: float = 1.0):
-        B, K, H, W = w.shape
-        valid, _ = grid_masks(H, W, 2 * K, w.dtype, w.device)
-        self.d = (d * scale).reshape(-1)
-        planes = (w * valid * scale).transpose(0, 1).reshape(K, -1)
-        self.terms = [(dr * W + dc, planes[k, :planes.shape[1] - (dr * W + dc)])
-                      for k, (dr, dc) in enumerate(offsets)]
-
-    def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out = L x for flat x [..., B N] (out must not overlap x)."""
-        torch.mul(self.d, x, out=out)
-        for m, wk in self.terms:
-            end = x.shape[-1] - m
-            out[..., :end].addcmul_(wk, x[..., m:])
-            out[..., m:].addcmul_(wk, x[..., :end])
-        return out
-
-    def subtract_product(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out -= L x, in place (out must not overlap x)."""
-        out.addcmul_(self.d, x, value=-1)
-        for m, wk in self.terms:
-            end = x.shape[-1] - m
-            out[..., :end].addcmul_(wk, x[..., m:], value=-1)
-            out[..., m:].addcmul_(wk, x[..., :end], value=-1)
-        return out
-
-
-class StencilReader:
-    """Accumulates the stencil entries of G = sum_j p_j q_j^T, one term at a time, for flat
-    p_j, q_j [S, B N] whose S rows are summed too: G[n, n + o_k] + G[n + o_k, n] per plane k
-    and G[n, n]. Each term costs 1 + 2K in-place multiply-adds on contiguous memory."""
-
-    def __init__(self, like: torch.Tensor, offsets, width: int):
-        self.shifts = [dr * width + dc for dr, dc in offsets]
-        self.diag = torch.zeros_like(like)
-        self.pairs = like.new_zeros(len(offsets), *like.shape)
-
-    def add(self, p: torch.Tensor, q: torch.Tensor, weight: float = 1.0) -> None:
-        self.diag.addcmul_(p, q, value=weight)
-        for k, m in enumerate(self.shifts):
-            end = p.shape[-1] - m
-            self.pairs[k, ..., :end].addcmul_(p[..., :end], q[..., m:], value=weight)
-            self.pairs[k, ..., :end].addcmul_(p[..., m:], q[..., :end], value=weight)
-
-    def result(self, shape, valid: torch.Tensor, factor: float):
-        """factor times (grad_w [B, K, H, W], zero off the grid, grad_d [B, H, W])."""
-        B, H, W = shape
-        K = len(self.shifts)
-        pairs = self.pairs.reshape(K, -1, B * H * W).sum(1).reshape(K, B, H, W).transpose(0, 1)
-        return pairs * (valid * factor), self.diag.reshape(-1, B * H * W).sum(0).reshape(B, H, W) * factor
 
 
 def _basis(f, scaled, degree):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._common import cdiv, kernel_config, kernel_module
-from .stencil import _region, shift
+from .stencil import grid_masks, shift
 
 __all__ = ["NeighbourCosine", "channel_dot"]
 
@@ -17,8 +17,8 @@ CHANNEL_CHUNK = 32
 
 
 def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_c a[:, c] * b[:, c] for [B, C, h, w] tensors, in chunks of channels so that no
-    [B, C, h, w] temporary is formed."""
+    """sum_c a[:, c] * b[:, c] for [B, C, ...] tensors, in chunks of channels so that no
+    [B, C, ...] temporary is formed."""
     out = (a[:, :CHANNEL_CHUNK] * b[:, :CHANNEL_CHUNK]).sum(1)
     for c0 in range(CHANNEL_CHUNK, a.shape[1], CHANNEL_CHUNK):
         out += (a[:, c0:c0 + CHANNEL_CHUNK] * b[:, c0:c0 + CHANNEL_CHUNK]).sum(1)
@@ -26,15 +26,20 @@ def channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _neighbour_cosine_fwd_torch(s, offsets):
-    H, W = s.shape[-2:]
-    sq = channel_dot(s, s)
+    """On flat cells (s as [B, C, N]): the neighbour n + o_k of cell n is n + m_k with
+    m_k = dr W + dc, so each offset is one channel reduction of two contiguous slices;
+    pairs that leave the grid (a row end) are zeroed by the grid mask."""
+    B, C, H, W = s.shape
+    N = H * W
+    flat = s.reshape(B, C, N)
+    sq = channel_dot(flat, flat)
     rnorm = torch.where(sq > 0, sq.rsqrt(), torch.zeros_like(sq))
-    e = s.new_zeros(s.shape[0], len(offsets), H, W)
+    valid, _ = grid_masks(H, W, 2 * len(offsets), s.dtype, s.device)
+    e = s.new_zeros(B, len(offsets), N)
     for k, (dr, dc) in enumerate(offsets):
-        here, there = _region(H, W, dr, dc)
-        e[:, k, here[0], here[1]] = (channel_dot(s[..., here[0], here[1]], s[..., there[0], there[1]])
-                                     * rnorm[:, here[0], here[1]] * rnorm[:, there[0], there[1]])
-    return e, sq
+        m = dr * W + dc
+        e[:, k, :N - m] = channel_dot(flat[..., :N - m], flat[..., m:]) * rnorm[:, :N - m] * rnorm[:, m:]
+    return e.reshape(B, -1, H, W) * valid, sq.reshape(B, H, W)
 
 
 def _neighbour_cosine_fwd_triton(s, offsets):
@@ -50,12 +55,17 @@ def _neighbour_cosine_fwd_triton(s, offsets):
 
 
 def _neighbour_cosine_bwd_torch(grad_s, s, coef, radial, offsets):
-    H, W = s.shape[-2:]
+    """Flat cells as in the forward; coef is zero where n + o_k leaves the grid."""
+    B, C, H, W = s.shape
+    N = H * W
+    grad_s = grad_s.contiguous()
+    flat, out = s.reshape(B, C, N), grad_s.view(B, C, N)
+    coef = coef.reshape(B, -1, N)
     for k, (dr, dc) in enumerate(offsets):
-        here, there = _region(H, W, dr, dc)
-        ck = coef[:, k, here[0], here[1]][:, None]
-        grad_s[..., here[0], here[1]].addcmul_(ck, s[..., there[0], there[1]])
-        grad_s[..., there[0], there[1]].addcmul_(ck, s[..., here[0], here[1]])
+        m = dr * W + dc
+        ck = coef[:, k, None, :N - m]
+        out[..., :N - m].addcmul_(ck, flat[..., m:])
+        out[..., m:].addcmul_(ck, flat[..., :N - m])
     return grad_s.addcmul_(s, radial[:, None], value=-1)
 
 

@@ -9,41 +9,49 @@ from __future__ import annotations
 import torch
 
 from .._common import kernel_config, kernel_module
-from .stencil import Stencil, stencil_pair_sum
+from .stencil import FlatStencil, StencilReader, grid_masks
 
 __all__ = ["StencilSeries", "series_max_cells"]
 
 
 def _series_fwd_torch(f, w, d, alpha, steps, offsets):
-    L = Stencil(w, d, offsets)
-    x = torch.zeros_like(f)
-    xs, rs = [], []
-    for _ in range(steps):
-        r = f - L @ x
-        xs.append(x)
-        rs.append(r)
-        x = x + alpha * (L @ r)
-    return x, torch.stack(xs), torch.stack(rs)
+    """The steps on flat vectors (FlatStencil). Keeps, per step, q_j = (-x_j, alpha r_j)
+    as [steps, 2, B N]: with these signs and scale x_{j+1} = x_j + L (alpha r_j) and the
+    backward's stencil entries are plain sums of products (see _series_bwd_torch)."""
+    B, H, W = f.shape
+    L = FlatStencil(w, d, offsets)
+    neg_alpha_l = FlatStencil(w, d, offsets, -alpha)
+    alpha_f = alpha * f.reshape(-1)
+    q = f.new_empty(steps + 1, 2, B * H * W)
+    q[0, 0].zero_()
+    for j in range(steps):
+        q[j, 1] = alpha_f
+        neg_alpha_l.subtract_product(q[j, 0], q[j, 1])      # alpha r_j = alpha (F - L x_j)
+        q[j + 1, 0] = q[j, 0]
+        L.subtract_product(q[j, 1], q[j + 1, 0])            # -x_{j+1} = -x_j - L alpha r_j
+    return -q[steps, 0].reshape(B, H, W), q[:steps]
 
 
-def _series_bwd_torch(grad_u, w, d, xs, rs, alpha, offsets, exact):
-    L = Stencil(w, d, offsets)
-    a = grad_u
-    a_next, bs = [], []
-    for _ in range(xs.shape[0]):
-        b = alpha * (L @ a)
-        a_next.append(a)
-        bs.append(b)
-        a = a - L @ b
-    a_next = torch.stack(a_next[::-1])
-    bs = torch.stack(bs[::-1])
-    grad_f = bs.sum(0)
-    grad_w = torch.stack([-stencil_pair_sum(bs, xs, dr, dc) for dr, dc in offsets], 1)
-    grad_d = -(bs * xs).sum(0)
-    if exact:
-        grad_w = grad_w + alpha * torch.stack([stencil_pair_sum(a_next, rs, dr, dc) for dr, dc in offsets], 1)
-        grad_d = grad_d + alpha * (a_next * rs).sum(0)
-    return grad_f, grad_w, grad_d
+def _series_bwd_torch(grad_u, w, d, q, alpha, offsets, exact):
+    """From a = du, for j = steps-1 .. 0: b_j = alpha L a_{j+1}, a_j = a_{j+1} - L b_j;
+    dF = sum_j b_j and the stencil entries of sum_j b_j (-x_j)^T [+ a_{j+1} (alpha r_j)^T],
+    read as each pair is made (StencilReader)."""
+    B, H, W = grad_u.shape
+    L = FlatStencil(w, d, offsets)
+    alpha_l = FlatStencil(w, d, offsets, alpha)
+    rows = 2 if exact else 1
+    pair = grad_u.new_empty(2, B * H * W)                   # (b_j, a_{j+1}), then a_j in row 1
+    pair[1] = grad_u.reshape(-1)
+    grad_f = torch.zeros_like(pair[0])
+    reader = StencilReader(pair[:rows], offsets, W)
+    for j in range(q.shape[0] - 1, -1, -1):
+        alpha_l.matmul_into(pair[1], pair[0])
+        reader.add(pair[:rows], q[j, :rows])
+        grad_f += pair[0]
+        L.subtract_product(pair[0], pair[1])
+    valid, _ = grid_masks(H, W, 2 * len(offsets), w.dtype, w.device)
+    grad_w, grad_d = reader.result((B, H, W), valid, 1.0)
+    return grad_f.reshape(B, H, W), grad_w, grad_d
 
 
 def series_max_cells() -> int:
@@ -88,7 +96,8 @@ class StencilSeries(torch.autograd.Function):
     x_0 = 0, x_{j+1} = x_j + alpha L (F - L x_j), 2^p steps (docs/structured.md).
 
     Inputs F [B, H, W], w [B, K, H, W], d [B, H, W]; returns u [B, H, W]. Saves the 2^p
-    iterates and residuals ([2^p, B, H, W] each). Backward, with a_J = du,
+    iterates and residuals (2 x [2^p, B, H, W]; the PyTorch path keeps them as -x_j and
+    alpha r_j). Backward, with a_J = du,
     b_j = alpha L a_{j+1}, a_j = a_{j+1} - L b_j:
         dF = sum_j b_j,
         dL = sum_j alpha a_{j+1} r_j^T - b_j x_j^T   (exact: the outer alpha L of every
@@ -104,18 +113,22 @@ class StencilSeries(torch.autograd.Function):
             backend = "torch"
         if backend == "triton":
             f, w, d = f.contiguous(), w.contiguous(), d.contiguous()
-        fwd = _series_fwd_triton if backend == "triton" else _series_fwd_torch
-        u, xs, rs = fwd(f, w, d, alpha, 2 ** iterations, offsets)
-        ctx.save_for_backward(w, d, xs, rs)
+        if backend == "triton":
+            u, xs, rs = _series_fwd_triton(f, w, d, alpha, 2 ** iterations, offsets)
+            ctx.save_for_backward(w, d, xs, rs)
+        else:
+            u, q = _series_fwd_torch(f, w, d, alpha, 2 ** iterations, offsets)
+            ctx.save_for_backward(w, d, q)
         ctx.args = (alpha, offsets, exact, backend)
         return u
 
     @staticmethod
     def backward(ctx, grad_u):
-        w, d, xs, rs = ctx.saved_tensors
         alpha, offsets, exact, backend = ctx.args
         if backend == "triton":
+            w, d, xs, rs = ctx.saved_tensors
             grads = _series_bwd_triton(grad_u.contiguous(), w, d, xs, rs, alpha, offsets, exact)
         else:
-            grads = _series_bwd_torch(grad_u, w, d, xs, rs, alpha, offsets, exact)
+            w, d, q = ctx.saved_tensors
+            grads = _series_bwd_torch(grad_u, w, d, q, alpha, offsets, exact)
         return (*grads, None, None, None, None, None)
