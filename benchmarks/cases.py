@@ -5,10 +5,18 @@ peak-memory measurement (``python benchmarks/cases.py --serve``: one JSON reques
 [group, candidate, mode, shape] per input line, one peak in bytes per output line).
 
 Groups and their shapes are defined here once; candidates that do not apply to a device
-(Triton needs CUDA, SciPy runs on the CPU) are left out, never skipped at run time.
+(Triton needs CUDA, SciPy runs on the CPU) are left out, never skipped at run time. A
+candidate that applies but does not fit this machine's budget at a shape (the dense N x N
+formulations at 56 x 56 on a CPU) is left out too and listed in NOT_RUN with the reason;
+the report prints those rows.
+
+The ActivationDiffusion group runs on three families of semantic maps S0
+(`semantic_maps`), because the published stack's speed depends on its input: positive maps
+make part of its Newton-Schulz iterates subnormal, which slows x86 BLAS down about 2x.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -16,46 +24,43 @@ import sys
 import torch
 
 import scm_ops
-from scm_ops.diffusion import LARGE_P_ROUTES, default_large_p_route
 from scm_ops.reference import (activation_diffusion_ref, cosine_similarity_ref,
                                newton_schulz_inverse_ref, spatial_semantic_laplacian_ref)
 
 ALPHA = 0.002
 NS_ITERATIONS = 4  # the published p of blocks 2-4; see the README for why not 16
+PUBLISHED_ITERATIONS = (16, 4, 4, 4)
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
-OTHER_LARGE_P_ROUTE = next(r for r in LARGE_P_ROUTES if r != default_large_p_route(DEVICE))
 
-# (shape dict, quick?) per group; CPU shapes are scaled to fit the 10-minute budget of a
-# 2-core machine, CUDA shapes span batch 8 to 256.
-SHAPES = {
-    "cosine": [dict(B=64, N=196, D=200, quick=True), dict(B=64, N=196, D=1000)],
-    "laplacian": [dict(B=64, H=14, W=14, quick=True), dict(B=16, H=28, W=28)],
-    "newton_schulz": ([dict(B=256, N=196), dict(B=128, N=256), dict(B=16, N=576), dict(B=8, N=784)] if ON_CUDA
-                      else [dict(B=64, N=196, quick=True), dict(B=16, N=256), dict(B=4, N=576), dict(B=2, N=784)]),
-    "diffusion": [dict(B=64, C=200, H=14, W=14, quick=True), dict(B=64, C=1000, H=14, W=14),
-                  dict(B=64 if ON_CUDA else 4, C=200, H=28, W=28)],
-}
+# -- inputs -------------------------------------------------------------------------------
+
+MAP_FAMILIES = ("signed_iid", "signed_smooth", "positive")
 
 
-def candidates(group: str) -> list[str]:
-    names = ["published", "published_compiled"]
-    if group == "diffusion":
-        # the structured path with its default route for the p = 16 block on this device,
-        # and with the other route (scm_ops.diffusion.default_large_p_route)
-        names += ["scm_structured", f"scm_structured_{OTHER_LARGE_P_ROUTE}", "scm_dense"]
-    else:
-        names += ["scm_torch"] + (["scm_triton"] if ON_CUDA else [])
-    if group == "newton_schulz":
-        names += ["torch_linalg_inv", "torch_linalg_solve"] + ([] if ON_CUDA else ["scipy_inv"])
-    return names
+def semantic_maps(family: str, batch: int, channels: int, height: int, width: int,
+                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Semantic maps S0 [batch, channels, height, width] of one input family (on the CPU).
 
+    - "signed_iid": i.i.d. standard normal entries.
+    - "signed_smooth": standard normal entries averaged over the 5 x 5 window of grid cells
+      around each cell (the window clipped at the border), then divided by the standard
+      deviation of the whole tensor: signed, with neighbouring cells correlated, as the
+      3 x 3 convolution output that S0 is in SCM.
+    - "positive": absolute values of standard normal entries.
 
-def modes(group: str, candidate: str) -> list[str]:
-    if candidate == "scipy_inv":
-        return ["forward"]
-    return ["forward", "forward_backward"] if group == "diffusion" else ["forward_backward"]
+    The same generator state gives the same draw for every family.
+    """
+    if family not in MAP_FAMILIES:
+        raise ValueError(f"family must be one of {MAP_FAMILIES}, got {family!r}")
+    x = torch.randn(batch, channels, height, width, generator=generator, dtype=dtype)
+    if family == "positive":
+        return x.abs()
+    if family == "signed_smooth":
+        x = torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
+        return x / x.std()
+    return x
 
 
 def _inputs(group, shape):
@@ -71,9 +76,166 @@ def _inputs(group, shape):
         side = int(round(n ** 0.5))
         x = torch.randn(shape["B"], n, 16, generator=g).abs()
         return (spatial_semantic_laplacian_ref(cosine_similarity_ref(x), (side, side), 1.2),)
-    s = torch.randn(shape["B"], shape["C"], shape["H"], shape["W"], generator=g).abs()
+    s = semantic_maps(shape["maps"], shape["B"], shape["C"], shape["H"], shape["W"], g)
     f = torch.rand(shape["B"], shape["H"], shape["W"], generator=g)
     return (f, s)
+
+
+# -- the routes of ActivationDiffusion's p = 16 block, found at run time -------------------
+
+_KNOWN_ROUTES = ("spectral", "newton_schulz", "chebyshev")
+
+
+def large_p_routes() -> tuple[str, ...]:
+    """The values ActivationDiffusion(large_p_route=...) accepts: scm_ops.diffusion's
+    LARGE_P_ROUTES where it exists, else the known names the constructor accepts."""
+    routes = getattr(scm_ops.diffusion, "LARGE_P_ROUTES", None)
+    if routes is not None:
+        return tuple(routes)
+    accepted = []
+    for route in _KNOWN_ROUTES:
+        try:
+            scm_ops.ActivationDiffusion((2, 2), large_p_route=route)
+        except ValueError:
+            continue
+        accepted.append(route)
+    return tuple(accepted)
+
+
+def default_large_p_route(grid) -> str | None:
+    """The route ActivationDiffusion(large_p_route=None) takes on DEVICE for this grid, as
+    scm_ops.diffusion.default_large_p_route tells it (device, and the grid or its number of
+    cells where the function takes them); None where that cannot be told."""
+    fn = getattr(scm_ops.diffusion, "default_large_p_route", None)
+    if fn is None:
+        return None
+    params = list(inspect.signature(fn).parameters)
+    if len(params) == 1:
+        args = (DEVICE,)
+    elif len(params) == 2 and "grid" in params[1]:
+        args = (DEVICE, tuple(grid))
+    elif len(params) == 2 and params[1] in ("n", "cells", "n_cells", "num_cells", "N"):
+        args = (DEVICE, grid[0] * grid[1])
+    else:
+        return None
+    route = fn(*args)
+    return route if route in large_p_routes() else None
+
+
+# -- shapes, candidates and the budget ------------------------------------------------------
+
+def _diffusion_shapes():
+    """Per family: B = 64 at 14 x 14 (C = 200 and 1000), 28 x 28 and 56 x 56 at C = 200.
+    On the CPU 28 x 28 runs at B = 4 (the published stack takes ~5 s a pass there), on CUDA
+    at B = 16, the cells of B = 64 at 14 x 14. Quick: B = 64, C = 200, signed i.i.d."""
+    shapes = []
+    for family in MAP_FAMILIES:
+        shapes += [dict(B=64, C=200, H=14, W=14, maps=family, quick=family == "signed_iid"),
+                   dict(B=64, C=1000, H=14, W=14, maps=family),
+                   dict(B=16 if ON_CUDA else 4, C=200, H=28, W=28, maps=family),
+                   dict(B=4, C=200, H=56, W=56, maps=family)]
+    return shapes
+
+
+# (shape dict, quick?) per group; CPU shapes are scaled to fit the 10-minute budget of a
+# 2-core machine, CUDA shapes span batch 8 to 256.
+SHAPES = {
+    "cosine": [dict(B=64, N=196, D=200, quick=True), dict(B=64, N=196, D=1000)],
+    "laplacian": [dict(B=64, H=14, W=14, quick=True), dict(B=16, H=28, W=28)],
+    "newton_schulz": ([dict(B=256, N=196), dict(B=128, N=256), dict(B=16, N=576), dict(B=8, N=784)] if ON_CUDA
+                      else [dict(B=64, N=196, quick=True), dict(B=16, N=256), dict(B=4, N=576), dict(B=2, N=784)]),
+    "diffusion": _diffusion_shapes(),
+}
+
+# What one call of a dense candidate may cost here: estimated forward work and memory kept
+# for backward (see dense_cost). A 2-core CPU does ~50 GFLOP/s in float32 products when it
+# is not shared: 1000 GFLOP is about 20 s a call, and a case makes 4 to 6 calls per mode.
+BUDGET = (dict(gflop=1e6, saved_gb=100.0) if ON_CUDA else dict(gflop=1000.0, saved_gb=4.0))
+
+
+def dense_cost(candidate: str, shape: dict) -> tuple[float, float] | None:
+    """(forward GFLOP, GB kept for backward) of a diffusion candidate that forms N x N
+    matrices, estimated from its dense work; None for the candidates whose cost is linear
+    in N. Newton-Schulz: two N x N products (2 N^3 flop each) per iteration, and two N x N
+    iterates kept per iteration; the published stack runs sum(p) = 28 iterations, the
+    Newton-Schulz route 16. The spectral route: a symmetric eigendecomposition (~10 N^3
+    flop) and its N x N eigenvectors kept."""
+    B, n = shape["B"], shape["H"] * shape["W"]
+    if candidate in ("published", "published_compiled", "scm_dense") or candidate.endswith("_newton_schulz"):
+        its = sum(PUBLISHED_ITERATIONS) if not candidate.endswith("_newton_schulz") else max(PUBLISHED_ITERATIONS)
+        return B * its * 2 * 2 * n ** 3 / 1e9, B * its * 2 * n * n * 4 / 1e9
+    route = candidate[len("scm_structured_"):] if candidate.startswith("scm_structured_") else (
+        default_large_p_route((shape["H"], shape["W"])) if candidate == "scm_structured" else None)
+    if route == "spectral":
+        return B * 10 * n ** 3 / 1e9, B * n * n * 4 / 1e9
+    return None
+
+
+def _over_budget(candidate, shape) -> str | None:
+    cost = dense_cost(candidate, shape) if "maps" in shape else None
+    if cost is None or (cost[0] <= BUDGET["gflop"] and cost[1] <= BUDGET["saved_gb"]):
+        return None
+    gflop, gb = cost
+    what = (f"its default route here, {default_large_p_route((shape['H'], shape['W']))}, does dense N x N work"
+            if candidate == "scm_structured" else "dense N x N work")
+    return (f"not run: ~{gflop:,.0f} GFLOP forward and ~{gb:.1f} GB kept for backward per call "
+            f"({what}, N = {shape['H'] * shape['W']}), over this benchmark's budget of "
+            f"{BUDGET['gflop']:,.0f} GFLOP and {BUDGET['saved_gb']:.0f} GB on {DEVICE.type}")
+
+
+def candidates(group: str, shape: dict | None = None) -> list[str]:
+    """The candidates of a group (at a shape, for the diffusion group). Diffusion: the
+    published stack, the structured path with its default route for the p = 16 block
+    ("scm_structured") and, at C = 200, with every other accepted route
+    ("scm_structured_<route>"); on CUDA also torch.compile of the published stack and the dense formulation on
+    scm_ops' operators (on a CPU these cost minutes of compilation and match the published
+    stack: the README's first runs)."""
+    names = ["published"]
+    if group == "diffusion":
+        default = default_large_p_route((shape["H"], shape["W"])) if shape else None
+        names += ["scm_structured"]
+        if not shape or shape["C"] == 200:
+            # C changes only the neighbour cosines and the final scaling, not the p = 16 block
+            names += [f"scm_structured_{r}" for r in large_p_routes() if r != default]
+        if ON_CUDA:
+            names += ["published_compiled", "scm_dense"]
+        return names
+    names += ["published_compiled", "scm_torch"] + (["scm_triton"] if ON_CUDA else [])
+    if group == "newton_schulz":
+        names += ["torch_linalg_inv", "torch_linalg_solve"] + ([] if ON_CUDA else ["scipy_inv"])
+    return names
+
+
+def modes(group: str, candidate: str) -> list[str]:
+    if candidate == "scipy_inv":
+        return ["forward"]
+    return ["forward", "forward_backward"] if group == "diffusion" else ["forward_backward"]
+
+
+def selected_cases():
+    """(group, candidate, mode, shape, quick) of every case this device runs, and
+    NOT_RUN-style rows (group, candidate, shape, reason) of those it leaves out."""
+    run, left_out = [], []
+    for group, shapes in SHAPES.items():
+        for shape in shapes:
+            quick = shape.get("quick", False)
+            dims = {k: v for k, v in shape.items() if k != "quick"}
+            # one compiled graph per group on a CPU: torch.compile takes a minute there
+            first = shape is shapes[0]
+            for candidate in candidates(group, dims):
+                if not ON_CUDA and candidate == "published_compiled" and not first:
+                    continue
+                reason = _over_budget(candidate, dims)
+                if reason:
+                    left_out.append(dict(group=group, candidate=candidate, shape=dims, reason=reason))
+                    continue
+                for mode in modes(group, candidate):
+                    run.append((group, candidate, mode, dims,
+                                quick and candidate in ("published", "scm_torch", "scm_structured")))
+    return run, left_out
+
+
+CASES, NOT_RUN = selected_cases()
 
 
 def _function(group, candidate, shape):

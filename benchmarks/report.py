@@ -1,10 +1,13 @@
-"""Turn pytest-benchmark JSON into a markdown table of ratios against the published
-formulation (and a PNG plot).
+"""Turn pytest-benchmark JSON into markdown tables of ratios against the published
+formulation, and plots.
 
-    python benchmarks/report.py bench.json [--markdown out.md] [--png out.png]
+    python benchmarks/report.py bench.json [--markdown out.md] [--png speedups.png]
+                                           [--per-cell-png per_cell.png]
 
 Speed-up = published median time / candidate median time; memory ratio = published peak /
-candidate peak, both from the same run. Values > 1 favour the candidate.
+candidate peak, both from the same run and the same inputs (for ActivationDiffusion: the
+same family of semantic maps). Values > 1 favour the candidate. Cases the benchmark left
+out for this machine's budget (conftest.py records them) are listed with the reason.
 """
 from __future__ import annotations
 
@@ -13,6 +16,17 @@ import json
 import platform
 from collections import defaultdict
 
+GROUP_ORDER = ["cosine", "laplacian", "newton_schulz", "diffusion"]
+FAMILY_ORDER = ["signed_iid", "signed_smooth", "positive"]
+FAMILY_TEXT = {"signed_iid": "signed i.i.d. (randn)",
+               "signed_smooth": "signed, spatially smooth (randn averaged over 5 x 5 cells)",
+               "positive": "positive (|randn|)"}
+_NOT_SHAPE = ("group", "candidate", "mode", "peak_bytes", "saved_bytes", "maps")
+
+
+def _shape_text(shape: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in shape.items() if k not in _NOT_SHAPE)
+
 
 def load_rows(path):
     with open(path) as f:
@@ -20,19 +34,23 @@ def load_rows(path):
     rows = []
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        shape = {k: v for k, v in info.items()
-                 if k not in ("group", "candidate", "mode", "peak_bytes", "saved_bytes")}
         rows.append(dict(group=info["group"], mode=info["mode"], candidate=info["candidate"],
-                         shape=" ".join(f"{k}={v}" for k, v in shape.items()),
-                         median_s=bench["stats"]["median"], peak=info.get("peak_bytes"),
-                         saved=info.get("saved_bytes")))
+                         family=info.get("maps"), shape=_shape_text(info),
+                         cells=info.get("B", 0) * info.get("H", 0) * info.get("W", 0),
+                         n=info.get("H", 0) * info.get("W", 0), channels=info.get("C"),
+                         median_s=bench["stats"]["median"], rounds=bench["stats"]["rounds"],
+                         peak=info.get("peak_bytes"), saved=info.get("saved_bytes")))
     return data, rows
 
 
+def _key(r):
+    return (r["group"], r["mode"], r["shape"], r["family"])
+
+
 def with_ratios(rows):
-    published = {(r["group"], r["mode"], r["shape"]): r for r in rows if r["candidate"] == "published"}
+    published = {_key(r): r for r in rows if r["candidate"] == "published"}
     for r in rows:
-        p = published.get((r["group"], r["mode"], r["shape"]))
+        p = published.get(_key(r))
         r["speedup"] = p["median_s"] / r["median_s"] if p else None
         for key in ("peak", "saved"):
             ok = p and p.get(key) and r.get(key) and r[key] > 0
@@ -40,52 +58,152 @@ def with_ratios(rows):
     return rows
 
 
+def _ratio(v):
+    return "-" if not v else (f"{v:.1f}x" if v < 100 else "> 100x")
+
+
+def _mb(v):
+    return f"{v / 2**20:.1f}" if v is not None else "-"
+
+
+def _table(rows, not_run, with_family=False):
+    head = ["shape", "mode", "candidate", "median ms", "rounds", "speed-up", "peak MB", "peak ratio",
+            "saved MB", "saved ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+    for r in rows:
+        su = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        saved = (_mb(r["saved"]), _ratio(r["saved_ratio"])) if r["mode"] == "forward_backward" else ("-", "-")
+        lines.append(f"| {r['shape']} | {r['mode']} | {r['candidate']} | {r['median_s'] * 1e3:.1f} | "
+                     f"{r['rounds']} | {su} | {_mb(r['peak'])} | {_ratio(r['peak_ratio'])} | "
+                     f"{saved[0]} | {saved[1]} |")
+    for n in not_run:
+        lines.append(f"| {_shape_text(n['shape'])} | both | {n['candidate']} | {n['reason']} |"
+                     + " |" * (len(head) - 4))
+    return lines
+
+
+def _sorted(rows):
+    def key(r):
+        return (GROUP_ORDER.index(r["group"]) if r["group"] in GROUP_ORDER else 9, r["n"], r["cells"],
+                r["channels"] or 0, r["shape"], r["mode"], r["candidate"] != "published", r["median_s"])
+    return sorted(rows, key=key)
+
+
+def _families(rows):
+    found = {r["family"] for r in rows if r["family"]}
+    return [f for f in FAMILY_ORDER if f in found] + sorted(found - set(FAMILY_ORDER))
+
+
+def diffusion_summary(rows, candidate="scm_structured", mode="forward_backward"):
+    """{shape: {family: (speed-up, peak ratio)}} of one candidate against the published stack."""
+    out = defaultdict(dict)
+    for r in _sorted(rows):
+        if r["group"] == "diffusion" and r["candidate"] == candidate and r["mode"] == mode:
+            out[r["shape"]][r["family"]] = (r["speedup"], r["peak_ratio"], r["median_s"])
+    return out
+
+
 def markdown(data, rows) -> str:
     machine = data.get("machine_info", {})
     when = data.get("datetime", "")
     cpu = machine.get("cpu", {}).get("brand_raw", platform.processor())
-    lines = [f"Measured {when[:10]} on {machine.get('node', '?')} ({cpu}); "
-             f"median of the timed rounds; peak memory as described in the README.", "",
-             "| group | shape | mode | candidate | median ms | speed-up | peak MB | peak ratio "
-             "| saved MB | saved ratio |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    order = ["cosine", "laplacian", "newton_schulz", "diffusion"]
-    for r in sorted(rows, key=lambda r: (order.index(r["group"]) if r["group"] in order else 9,
-                                         r["shape"], r["mode"], r["candidate"] != "published", r["median_s"])):
-        def ratio(v):
-            return "-" if not v else (f"{v:.1f}x" if v < 100 else "> 100x")
-
-        def mb(v):
-            return f"{v / 2**20:.1f}" if v is not None else "-"
-
-        su = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-        saved = (mb(r["saved"]), ratio(r["saved_ratio"])) if r["mode"] == "forward_backward" else ("-", "-")
-        lines.append(f"| {r['group']} | {r['shape']} | {r['mode']} | {r['candidate']} | "
-                     f"{r['median_s'] * 1e3:.1f} | {su} | {mb(r['peak'])} | {ratio(r['peak_ratio'])} | "
-                     f"{saved[0]} | {saved[1]} |")
+    not_run = data.get("not_run", [])
+    lines = [f"Measured {when[:16].replace('T', ' ')} UTC on {machine.get('node', '?')} ({cpu}, "
+             f"{machine.get('cpu', {}).get('count', '?')} logical CPUs), Python {machine.get('python_version', '?')}; "
+             "median of the timed rounds (after one warm-up call); peak memory as described in the README.", ""]
+    if data.get("large_p_routes"):
+        defaults = ", ".join(f"{g}: {r}" for g, r in (data.get("default_large_p_route") or {}).items())
+        lines += [f"Routes of the p = 16 block accepted at run time: {', '.join(data['large_p_routes'])}; "
+                  f"default route per grid ({defaults or 'not known'}) is what `scm_structured` runs.", ""]
+    rows = _sorted(rows)
+    ops = [r for r in rows if r["group"] != "diffusion"]
+    if ops:
+        lines += ["## Operators", ""]
+        for group in [g for g in GROUP_ORDER if any(r["group"] == g for r in ops)]:
+            lines += [f"### {group}", ""] + _table([r for r in ops if r["group"] == group],
+                                                     [n for n in not_run if n["group"] == group]) + [""]
+    diff = [r for r in rows if r["group"] == "diffusion"]
+    if diff:
+        families = _families(diff)
+        lines += ["## ActivationDiffusion", "",
+                  "Forward + backward (loss on both outputs), `scm_structured` (default route) against the "
+                  "published stack on the same inputs: speed-up / peak-memory ratio.", "",
+                  "| shape | " + " | ".join(FAMILY_TEXT.get(f, f) for f in families) + " | least favourable |",
+                  "|---|" + "---:|" * len(families) + "---|"]
+        for shape, per in diffusion_summary(diff).items():
+            cells = []
+            for f in families:
+                su, pr, t = per.get(f, (None, None, None))
+                cells.append(f"{su:.1f}x / {_ratio(pr)}" if su else
+                             (f"published not run ({t * 1e3:.0f} ms)" if t else "-"))
+            known = {f: v[0] for f, v in per.items() if v[0]}
+            worst = min(known, key=known.get) if known else "-"
+            lines.append(f"| {shape} | " + " | ".join(cells) + f" | {worst} |")
+        lines.append("")
+        for family in families:
+            lines += [f"### S0 {FAMILY_TEXT.get(family, family)}", ""]
+            lines += _table([r for r in diff if r["family"] == family],
+                            [n for n in not_run if n["group"] == "diffusion" and n["shape"].get("maps") == family])
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, path):
+def plot_per_cell(rows, path, mode="forward_backward", channels=200):
+    """Time per cell (ms / (B * N)) against N, log-log, one panel per family of semantic
+    maps, one line per candidate (ActivationDiffusion, C = channels)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    diff = [r for r in rows if r["group"] == "diffusion" and r["mode"] == mode and r["channels"] == channels]
+    families = _families(diff)
+    if not families:
+        return
+    fig, axes = plt.subplots(1, len(families), figsize=(4.6 * len(families), 4.2), sharey=True, squeeze=False)
+    names = sorted({r["candidate"] for r in diff}, key=lambda c: (c != "published", c))
+    for ax, family in zip(axes[0], families):
+        for name in names:
+            pts = sorted((r["n"], r["median_s"] * 1e3 / r["cells"]) for r in diff
+                         if r["family"] == family and r["candidate"] == name)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({r["n"] for r in diff}))
+        ax.set_xticklabels([str(n) for n in sorted({r["n"] for r in diff})])
+        ax.minorticks_off()
+        ax.set_title(FAMILY_TEXT.get(family, family), fontsize=9)
+        ax.set_xlabel("N = H x W (cells per image)")
+        ax.grid(True, which="both", lw=0.3)
+    axes[0][0].set_ylabel(f"ms per cell (median / (B N)), {mode.replace('_', ' + ')}, C = {channels}")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_speedups(rows, path, mode="forward_backward"):
+    """Bar plot of every candidate's speed-up over the published stack (ActivationDiffusion,
+    one bar group per shape and family; the operators' groups after them)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cases = defaultdict(dict)
-    for r in rows:
-        if r["speedup"]:
-            label = "\n".join([r["group"], *r["shape"].split(), r["mode"]])
+    for r in _sorted(rows):
+        if r["speedup"] and r["candidate"] != "published" and r["mode"] == mode:
+            label = "\n".join([r["group"], *r["shape"].split(), *([r["family"]] if r["family"] else [])])
             cases[label][r["candidate"]] = r["speedup"]
+    if not cases:
+        return
     names = sorted({c for v in cases.values() for c in v})
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(cases)), 6))
+    fig, ax = plt.subplots(figsize=(max(8, 1.0 * len(cases)), 6))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         xs = [j + i * width for j in range(len(cases))]
         ax.bar(xs, [v.get(name, 0) for v in cases.values()], width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-    ax.set_xticklabels(list(cases), fontsize=7)
+    ax.set_xticklabels(list(cases), fontsize=6)
     ax.set_yscale("log")
     ax.axhline(1, color="k", lw=0.8)
-    ax.set_ylabel("speed-up over the published formulation")
+    ax.set_ylabel(f"speed-up over the published formulation ({mode.replace('_', ' + ')})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -94,8 +212,9 @@ def plot(rows, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json")
-    parser.add_argument("--markdown", help="write the table here too")
-    parser.add_argument("--png", help="write a bar plot of the speed-ups here")
+    parser.add_argument("--markdown", help="write the tables here too")
+    parser.add_argument("--png", help="write a bar plot of the forward + backward speed-ups here")
+    parser.add_argument("--per-cell-png", help="write the ActivationDiffusion time per cell against N here")
     args = parser.parse_args(argv)
     data, rows = load_rows(args.json)
     table = markdown(data, with_ratios(rows))
@@ -104,7 +223,9 @@ def main(argv=None):
         with open(args.markdown, "w") as f:
             f.write(table)
     if args.png:
-        plot(rows, args.png)
+        plot_speedups(rows, args.png)
+    if args.per_cell_png:
+        plot_per_cell(rows, args.per_cell_png)
 
 
 if __name__ == "__main__":
