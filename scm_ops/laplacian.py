@@ -72,6 +72,8 @@ def _laplacian_fwd_triton(e, lam, height, width, connectivity):
     kern = kernel_module("laplacian")
     B, N, _ = e.shape
     out = torch.empty(B, N, N, device=e.device, dtype=e.dtype)
+    if out.numel() == 0:  # an empty batch: no launch with a zero grid dimension
+        return out
     grid, cfg, launch = _launch_grid(kern, e)
     kern.laplacian_fwd_kernel[grid](e, lam.contiguous(), out, N, height, width, *e.stride(),
                                     IS_FP64=e.dtype == torch.float64,
@@ -83,6 +85,8 @@ def _laplacian_bwd_triton(grad_l, e, lam, height, width, connectivity):
     kern = kernel_module("laplacian")
     B, N, _ = e.shape
     grad_e = torch.empty(B, N, N, device=e.device, dtype=e.dtype)
+    if grad_e.numel() == 0:
+        return grad_e, lam.new_zeros(lam.shape)
     grid, cfg, launch = _launch_grid(kern, e)
     partial = torch.empty(B, grid[0] * grid[1], device=e.device, dtype=compute_dtype(e.dtype))
     kern.laplacian_bwd_kernel[grid](grad_l, e, lam.contiguous(), grad_e, partial, N, height, width,

@@ -49,6 +49,8 @@ def _bmm_triton(a, b, scale=1.0, c=None, c_scale=0.0, out=None):
     if out is None:
         out = torch.empty(batch, m, n, device=a.device, dtype=a.dtype)
     cc = out if c is None else c
+    if out.numel() == 0:  # an empty batch: no launch with a zero grid dimension
+        return out
     grid = (cdiv(m, cfg["BLOCK_M"]), cdiv(n, cfg["BLOCK_N"]), batch)
     kern.bmm_axpby_kernel[grid](a, b, cc, out, m, n, k, scale, c_scale,
                                 *a.stride(), *b.stride(), *cc.stride(), *out.stride(),
