@@ -84,6 +84,11 @@ def test_torch_compile_fullgraph_chain():
     grads_ref = torch.autograd.grad(ref, (s, lam), g)
     for a, b in zip(grads, grads_ref):
         assert_rel_rmse(a, b, 1e-5, "compiled backward")
+    # the checks run inside the operators, so the compiled chain raises as eager does
+    with pytest.raises(ValueError, match="x contains NaN"):
+        compiled(s.detach().index_fill(1, torch.tensor([3]), float("nan")), lam)
+    with pytest.raises(scm_ops.NewtonSchulzDivergenceError, match="batch item 0"):
+        compiled(s.detach(), torch.tensor(40.0))
 
 
 def test_torch_compile_fullgraph_chain_inside_autocast():
