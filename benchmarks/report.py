@@ -38,6 +38,7 @@ def load_rows(path):
                          family=info.get("maps"), shape=_shape_text(info),
                          cells=info.get("B", 0) * info.get("H", 0) * info.get("W", 0),
                          n=info.get("H", 0) * info.get("W", 0), channels=info.get("C"),
+                         grid=f"{info.get('H')}x{info.get('W')}" if "H" in info else None,
                          median_s=bench["stats"]["median"], rounds=bench["stats"]["rounds"],
                          peak=info.get("peak_bytes"), saved=info.get("saved_bytes")))
     return data, rows
@@ -66,18 +67,26 @@ def _mb(v):
     return f"{v / 2**20:.1f}" if v is not None else "-"
 
 
-def _table(rows, not_run, with_family=False):
+def _name(r, defaults):
+    """The candidate, with the route the default structured path takes at its grid."""
+    route = (defaults or {}).get(r.get("grid")) if r["candidate"] == "scm_structured" else None
+    return f"{r['candidate']} (default: {route})" if route else r["candidate"]
+
+
+def _table(rows, not_run, defaults=None):
     head = ["shape", "mode", "candidate", "median ms", "rounds", "speed-up", "peak MB", "peak ratio",
             "saved MB", "saved ratio"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
     for r in rows:
         su = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         saved = (_mb(r["saved"]), _ratio(r["saved_ratio"])) if r["mode"] == "forward_backward" else ("-", "-")
-        lines.append(f"| {r['shape']} | {r['mode']} | {r['candidate']} | {r['median_s'] * 1e3:.1f} | "
+        lines.append(f"| {r['shape']} | {r['mode']} | {_name(r, defaults)} | {r['median_s'] * 1e3:.1f} | "
                      f"{r['rounds']} | {su} | {_mb(r['peak'])} | {_ratio(r['peak_ratio'])} | "
                      f"{saved[0]} | {saved[1]} |")
     for n in not_run:
-        lines.append(f"| {_shape_text(n['shape'])} | both | {n['candidate']} | {n['reason']} |"
+        shape = n["shape"]
+        r = dict(candidate=n["candidate"], grid=f"{shape.get('H')}x{shape.get('W')}" if "H" in shape else None)
+        lines.append(f"| {_shape_text(shape)} | both | {_name(r, defaults)} | {n['reason']} |"
                      + " |" * (len(head) - 4))
     return lines
 
@@ -127,7 +136,8 @@ def markdown(data, rows) -> str:
         families = _families(diff)
         lines += ["## ActivationDiffusion", "",
                   "Forward + backward (loss on both outputs), `scm_structured` (default route) against the "
-                  "published stack on the same inputs: speed-up / peak-memory ratio.", "",
+                  "published stack on the same inputs: speed-up / peak-memory ratio; where the published stack "
+                  "did not run, the structured path's time.", "",
                   "| shape | " + " | ".join(FAMILY_TEXT.get(f, f) for f in families) + " | least favourable |",
                   "|---|" + "---:|" * len(families) + "---|"]
         for shape, per in diffusion_summary(diff).items():
@@ -143,7 +153,8 @@ def markdown(data, rows) -> str:
         for family in families:
             lines += [f"### S0 {FAMILY_TEXT.get(family, family)}", ""]
             lines += _table([r for r in diff if r["family"] == family],
-                            [n for n in not_run if n["group"] == "diffusion" and n["shape"].get("maps") == family])
+                            [n for n in not_run if n["group"] == "diffusion" and n["shape"].get("maps") == family],
+                            data.get("default_large_p_route"))
             lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -160,12 +171,15 @@ def plot_per_cell(rows, path, mode="forward_backward", channels=200):
         return
     fig, axes = plt.subplots(1, len(families), figsize=(4.6 * len(families), 4.2), sharey=True, squeeze=False)
     names = sorted({r["candidate"] for r in diff}, key=lambda c: (c != "published", c))
+    label = {"scm_structured": "scm_structured (default route)"}
     for ax, family in zip(axes[0], families):
         for name in names:
-            pts = sorted((r["n"], r["median_s"] * 1e3 / r["cells"]) for r in diff
+            pts = sorted((r["n"], r["median_s"] * 1e3 / r["cells"], r["cells"] // r["n"]) for r in diff
                          if r["family"] == family and r["candidate"] == name)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label.get(name, name))
+                for n, t, b in pts:
+                    ax.annotate(f"B={b}", (n, t), textcoords="offset points", xytext=(4, 3), fontsize=6)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xticks(sorted({r["n"] for r in diff}))
@@ -174,7 +188,8 @@ def plot_per_cell(rows, path, mode="forward_backward", channels=200):
         ax.set_title(FAMILY_TEXT.get(family, family), fontsize=9)
         ax.set_xlabel("N = H x W (cells per image)")
         ax.grid(True, which="both", lw=0.3)
-    axes[0][0].set_ylabel(f"ms per cell (median / (B N)), {mode.replace('_', ' + ')}, C = {channels}")
+    axes[0][0].set_ylabel("ms per cell (median time / (B N))")
+    fig.suptitle(f"ActivationDiffusion, {mode.replace('_', ' + ')}, C = {channels}", fontsize=10)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

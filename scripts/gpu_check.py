@@ -350,8 +350,9 @@ def _jit_functions():
             fn = obj
             while fn is not None and not isinstance(fn, triton.runtime.jit.JITFunction):
                 fn = getattr(fn, "fn", None)
-            if fn is not None:
-                found[f"{module.__name__}.{name}"] = fn
+            if fn is not None:  # named where it is defined (modules re-export helpers)
+                py = getattr(fn, "fn", None)
+                found[f"{getattr(py, '__module__', module.__name__)}.{getattr(py, '__name__', name)}"] = fn
     return found
 
 
@@ -391,8 +392,13 @@ def check_kernels(summary):
             regs = getattr(kernel, "n_regs", None)
             spills = getattr(kernel, "n_spills", None)
             constants = getattr(getattr(kernel, "src", None), "constants", None)
-            const_text = ", ".join(f"{k}={v}" for k, v in (constants or {}).items()
-                                   if not callable(v))[:160] if isinstance(constants, dict) else str(key)[:160]
+            if isinstance(constants, dict):
+                def arg(k):  # constants are keyed by (argument index,) in recent Triton
+                    i = k[0] if isinstance(k, tuple) and len(k) == 1 else k
+                    return fn.arg_names[i] if isinstance(i, int) and i < len(fn.arg_names) else k
+                const_text = ", ".join(f"{arg(k)}={v}" for k, v in constants.items() if not callable(v))[:200]
+            else:
+                const_text = str(key)[:200]
             rows.append([qualname.split(".")[-1], getattr(md, "name", "?"), const_text,
                          getattr(md, "num_warps", "?"), getattr(md, "num_stages", "?"), getattr(md, "shared", "?"),
                          regs, spills, summary.verdict(spills == 0)])
