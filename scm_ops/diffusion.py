@@ -10,8 +10,8 @@ from .cosine import cosine_similarity
 from .laplacian import spatial_semantic_laplacian
 from .newton_schulz import (NewtonSchulzDivergenceError, assert_block_converges, assert_stencil_converges,
                             newton_schulz_inverse)
-from .structured import (OFFSETS, ChebyshevFilter, GradSlot, NeighbourCosine, ScalePatches, SpectralFilter, Stencil,
-                         StencilSeries, grid_masks, stencil_to_dense)
+from .structured import (OFFSETS, GradSlot, NeighbourCosine, ScalePatches, SpectralFilter, Stencil,
+                         StencilSeries, chebyshev_filter, grid_masks, stencil_to_dense)
 
 __all__ = ["ActivationDiffusion", "attention_map_from_blocks", "localization_map", "minmax_normalize"]
 
@@ -237,7 +237,9 @@ class ActivationDiffusion(nn.Module):
         H, W = f.shape[1:]
         offsets = OFFSETS[self.connectivity]
         valid, degree = grid_masks(H, W, self.connectivity, s.dtype, s.device)
-        slot = GradSlot()  # the backward holds one gradient of S, not two
+        # The backward holds one gradient of S, not two (GradSlot), except under torch.compile,
+        # which cannot trace the hand-over: there it holds one more [B, C, H, W] tensor.
+        slot = None if torch.compiler.is_compiling() else GradSlot()
         e, e_self = NeighbourCosine.apply(s, offsets, backend, slot)
         scale = torch.ones_like(f)
         for block, p in enumerate(self.iterations):
@@ -250,7 +252,7 @@ class ActivationDiffusion(nn.Module):
             elif (route := self.large_p_route or default_large_p_route(s.device, (H, W))) == "chebyshev":
                 if checks_enabled():
                     self._check_convergence_stencil(w, d, offsets, block, lam[block])
-                u = ChebyshevFilter.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
+                u = chebyshev_filter(f, w, d, self.alpha, p, offsets, self.exact_gradients)
             elif route == "spectral":
                 u, eigenvalues = SpectralFilter.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
                 if checks_enabled():
@@ -260,7 +262,7 @@ class ActivationDiffusion(nn.Module):
             tau = self._update(f, u, beta[block])
             f = f + tau
             scale = scale * (1 + tau)
-        return f, ScalePatches.apply(s, scale, slot, e.grad_fn)
+        return f, ScalePatches.apply(s, scale, slot, None if slot is None else e.grad_fn)
 
     def _forward_dense(self, f, s, lam, beta, backend):
         """The published formulation, block by block, on scm_ops' three operators."""

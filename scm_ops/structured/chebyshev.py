@@ -17,9 +17,9 @@ import math
 import torch
 
 from ..newton_schulz import NewtonSchulzDivergenceError, divergence
-from .stencil import FlatStencil, Stencil, StencilReader, grid_masks, stencil_to_dense
+from .stencil import OFFSETS, FlatStencil, Stencil, StencilReader, grid_masks, stencil_to_dense
 
-__all__ = ["ChebyshevFilter", "chebyshev_coefficients", "series_radius", "DEGREE_TOLERANCE"]
+__all__ = ["ChebyshevFilter", "chebyshev_filter", "chebyshev_coefficients", "series_radius", "DEGREE_TOLERANCE"]
 
 # Truncation tolerance of the series, by dtype: the series stops where the sum of the
 # absolute values of the dropped coefficients is below this fraction of max |f| on the
@@ -189,6 +189,33 @@ def _series_plan(w, d, alpha, iterations, offsets, exact, dtype):
     return radius, c_phi, coef, degree
 
 
+def _series_forward(f, w, d, plan, offsets):
+    """(u [B, H, W], basis vy [n + 1, 2, B N], phi(Z) F [B N]) for a plan of _series_plan."""
+    radius, c_phi, _, degree = plan
+    vy = _basis(f.reshape(-1), FlatStencil(w, d, offsets, 2.0 / radius), degree)
+    phi_f = torch.tensordot(c_phi.to(f.device, f.dtype), vy[:c_phi.shape[0], 0], 1)
+    u = FlatStencil(w, d, offsets).matmul_into(phi_f, torch.empty_like(phi_f))
+    return u.reshape(f.shape), vy, phi_f
+
+
+def _series_backward(grad_u, w, d, vy, phi_f, plan, offsets):
+    """(dF, dw, dd) from the basis that _series_forward kept."""
+    radius, _, coef, _ = plan
+    B, H, W = grad_u.shape
+    g = grad_u.reshape(-1).to(vy.dtype)
+    L = FlatStencil(w, d, offsets)
+    Lg = L.matmul_into(g, torch.empty_like(g))
+    h = torch.stack([Lg, g]) if coef.shape[1] == 2 else Lg[None]
+    grad_f, reader = _adjoint_sweep(h, coef.to(g.device), FlatStencil(w, d, offsets, 2.0 / radius),
+                                    vy, radius, offsets, W)
+    valid, _ = grid_masks(H, W, 2 * len(offsets), w.dtype, w.device)
+    grad_w, grad_d = reader.result((B, H, W), valid, -1.0 / radius)
+    outer = StencilReader(g, offsets, W)                             # g (phi(Z) F)^T
+    outer.add(g, phi_f)
+    gw, gd = outer.result((B, H, W), valid, 1.0)
+    return grad_f.reshape(B, H, W), grad_w + gw, grad_d + gd
+
+
 class ChebyshevFilter(torch.autograd.Function):
     """u = X_p F = L phi(Z) F, Z = L^2, phi by a Chebyshev series on [0, R^2]
     (docs/structured.md, "Chebyshev series").
@@ -204,39 +231,81 @@ class ChebyshevFilter(torch.autograd.Function):
     G_phi, G_psi the gradients with respect to Z, as an independent matrix, of
     (L g)^T phi(Z) F and g^T psi(Z) F, psi(z) = (1 - alpha z)^K: sums over k of outer
     products of the adjoint vectors with v_k and y_k, read at the stencil entries only.
-    PyTorch on both backends.
+    PyTorch on both backends. Under torch.compile use chebyshev_filter (a custom operator).
     """
 
     @staticmethod
     def forward(ctx, f, w, d, alpha, iterations, offsets, exact, info=None):
-        B, H, W = f.shape
-        radius, c_phi, coef, degree = _series_plan(w, d, alpha, iterations, offsets, exact, f.dtype)
-        scaled = FlatStencil(w, d, offsets, 2.0 / radius)
-        vy = _basis(f.reshape(-1), scaled, degree)
-        n_phi = c_phi.shape[0]
-        phi_f = torch.tensordot(c_phi.to(f.device, f.dtype), vy[:n_phi, 0], 1)
-        u = FlatStencil(w, d, offsets).matmul_into(phi_f, torch.empty_like(phi_f))
+        plan = _series_plan(w, d, alpha, iterations, offsets, exact, f.dtype)
+        u, vy, phi_f = _series_forward(f, w, d, plan, offsets)
         if info is not None:
-            info.update(radius=radius, degree_phi=n_phi - 1, basis_degree=degree,
+            radius, c_phi, coef, degree = plan
+            info.update(radius=radius, degree_phi=c_phi.shape[0] - 1, basis_degree=degree,
                         degree_psi=None if exact else int(coef[:, 1].nonzero().max()))
         ctx.save_for_backward(w, d, vy, phi_f)
-        ctx.args = (radius, coef, offsets)
-        return u.reshape(B, H, W)
+        ctx.args = (plan, offsets)
+        return u
 
     @staticmethod
     def backward(ctx, grad_u):
         w, d, vy, phi_f = ctx.saved_tensors
-        radius, coef, offsets = ctx.args
-        B, H, W = grad_u.shape
-        g = grad_u.reshape(-1).to(vy.dtype)
-        L = FlatStencil(w, d, offsets)
-        Lg = L.matmul_into(g, torch.empty_like(g))
-        h = torch.stack([Lg, g]) if coef.shape[1] == 2 else Lg[None]
-        grad_f, reader = _adjoint_sweep(h, coef.to(g.device), L.__class__(w, d, offsets, 2.0 / radius),
-                                        vy, radius, offsets, W)
-        valid, _ = grid_masks(H, W, 2 * len(offsets), w.dtype, w.device)
-        grad_w, grad_d = reader.result((B, H, W), valid, -1.0 / radius)
-        outer = StencilReader(g, offsets, W)                         # g (phi(Z) F)^T
-        outer.add(g, phi_f)
-        gw, gd = outer.result((B, H, W), valid, 1.0)
-        return grad_f.reshape(B, H, W), grad_w + gw, grad_d + gd, None, None, None, None, None
+        plan, offsets = ctx.args
+        return (*_series_backward(grad_u, w, d, vy, phi_f, plan, offsets), None, None, None, None, None)
+
+
+# -- the same as custom operators, for torch.compile --------------------------------------
+# The degree depends on the data (R), so a traced graph cannot hold the loop; the operators
+# are opaque to the compiler. Their backward recomputes the basis instead of saving it (a
+# saved basis would be an output whose length depends on the data): one more forward series
+# in the backward, and no basis held between forward and backward.
+
+@torch.library.custom_op("scm_ops::chebyshev_filter", mutates_args=())
+def _chebyshev_filter_op(f: torch.Tensor, w: torch.Tensor, d: torch.Tensor, alpha: float, iterations: int,
+                         connectivity: int, exact: bool) -> torch.Tensor:
+    offsets = OFFSETS[connectivity]
+    return _series_forward(f, w, d, _series_plan(w, d, alpha, iterations, offsets, True, f.dtype), offsets)[0]
+
+
+@_chebyshev_filter_op.register_fake
+def _(f, w, d, alpha, iterations, connectivity, exact):
+    return torch.empty_like(f)
+
+
+@torch.library.custom_op("scm_ops::chebyshev_filter_backward", mutates_args=())
+def _chebyshev_filter_backward_op(grad_u: torch.Tensor, f: torch.Tensor, w: torch.Tensor, d: torch.Tensor,
+                                  alpha: float, iterations: int, connectivity: int,
+                                  exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    offsets = OFFSETS[connectivity]
+    plan = _series_plan(w, d, alpha, iterations, offsets, exact, f.dtype)
+    _, vy, phi_f = _series_forward(f, w, d, plan, offsets)
+    return _series_backward(grad_u.contiguous(), w, d, vy, phi_f, plan, offsets)
+
+
+@_chebyshev_filter_backward_op.register_fake
+def _(grad_u, f, w, d, alpha, iterations, connectivity, exact):
+    return torch.empty_like(f), torch.empty_like(w), torch.empty_like(d)
+
+
+def _setup_context(ctx, inputs, output):
+    f, w, d, alpha, iterations, connectivity, exact = inputs
+    ctx.save_for_backward(f, w, d)
+    ctx.args = (alpha, iterations, connectivity, exact)
+
+
+def _backward(ctx, grad_u):
+    f, w, d = ctx.saved_tensors
+    grads = _chebyshev_filter_backward_op(grad_u, f, w, d, *ctx.args)
+    return (*grads, None, None, None, None)
+
+
+_chebyshev_filter_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def chebyshev_filter(f: torch.Tensor, w: torch.Tensor, d: torch.Tensor, alpha: float, iterations: int,
+                     offsets, exact: bool) -> torch.Tensor:
+    """u = X_p F by the Chebyshev series (see ChebyshevFilter): the autograd Function in eager
+    mode (the basis saved for backward), the custom operator under torch.compile (the basis
+    recomputed in backward)."""
+    if torch.compiler.is_compiling():
+        return _chebyshev_filter_op(f, w, d, float(alpha), int(iterations), 2 * len(offsets), bool(exact))
+    return ChebyshevFilter.apply(f, w, d, alpha, iterations, offsets, exact)
