@@ -6,8 +6,8 @@
 
 Each case runs one forward (and backward) pass after a warm-up call, so first-call
 compilation is not timed; CUDA work is synchronised inside the timed call. The number of
-timed rounds is the group's (ROUNDS), fewer where the warm-up call shows that they would
-take more than TIMED_SECONDS (at least one). Memory of the same call goes to extra_info:
+timed rounds is the group's (ROUNDS), fewer where the warm-up call took more than
+SLOW_SECONDS: then as many as fit in TIMED_SECONDS (at least one). Memory of the same call goes to extra_info:
 "peak_bytes" (everything alive at the peak above the inputs: outputs, gradients,
 temporaries and what backward keeps) and "saved_bytes" (what the forward pass keeps for
 backward beyond its outputs); see cases.memory_bytes. Cases over this machine's budget are
@@ -21,6 +21,7 @@ from cases import CASES, make_case, memory_bytes
 
 ROUNDS = {"cosine": 5, "laplacian": 5, "newton_schulz": 3, "diffusion": 3}
 TIMED_SECONDS = 6.0
+SLOW_SECONDS = 2.0
 
 
 def _params():
@@ -38,7 +39,8 @@ def test_benchmark(benchmark, group, candidate, mode, shape):
     start = time.perf_counter()
     run()  # warm-up
     once = time.perf_counter() - start
-    rounds = max(1, min(ROUNDS[group], int(TIMED_SECONDS / max(once, 1e-9))))
+    # a first call also pays lazy initialisation: only a slow one cuts the rounds
+    rounds = ROUNDS[group] if once < SLOW_SECONDS else max(1, min(ROUNDS[group], int(TIMED_SECONDS / once)))
     benchmark.pedantic(run, rounds=rounds, warmup_rounds=0, iterations=1)
     peak, saved = memory_bytes(group, candidate, mode, shape)
     benchmark.extra_info.update(peak_bytes=peak, saved_bytes=saved)

@@ -566,7 +566,11 @@ def main(argv=None):
                              "reported as skipped (default 240 s, 600 s with --small)")
     args = parser.parse_args(argv)
     if not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        sys.exit("no CUDA: set TRITON_INTERPRET=1 (before triton is imported) for the CPU dry run")
+        message = "no CUDA device, and TRITON_INTERPRET=1 is not set (the CPU dry run needs it)"
+        with open(args.summary, "w") as f:
+            f.write(f"# scm_ops GPU check\n\n**FAIL**: {message}; torch {torch.__version__}.\n")
+        print(message, file=sys.stderr)
+        return 2
     start = time.monotonic()
     if args.budget_s is None:
         args.budget_s = 600.0 if args.small else 240.0
