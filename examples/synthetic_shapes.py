@@ -19,6 +19,9 @@ import numpy as np
 
 CLASSES = ("disk", "square", "triangle", "cross")
 BODIES = ("ellipse", "rounded rectangle", "blob")
+# The body's two-colour texture: random in the benchmark (it says nothing about the class),
+# the label of the backbone's pretraining task (every body patch shows it).
+TEXTURES = ("horizontal stripes", "vertical stripes", "checkerboard", "dots")
 # Each class's badge has its shape and a hue of its own (jittered); bodies and distractors
 # take colours away from these, so only the badge tells the class.
 CLASS_COLOURS = np.array([(0.9, 0.1, 0.1), (0.1, 0.75, 0.1), (0.15, 0.25, 0.95), (0.95, 0.85, 0.1)])
@@ -66,6 +69,20 @@ def _background(rng, size):
     return img + smooth + rng.normal(0, 0.03, (size, size, 3))
 
 
+def _texture(kind: str, yy, xx, period: float, phase):
+    """A boolean pattern of the given kind and period (pixels)."""
+    y, x = (yy + phase[0]) / period, (xx + phase[1]) / period
+    if kind == "horizontal stripes":
+        return (y % 1) < 0.5
+    if kind == "vertical stripes":
+        return (x % 1) < 0.5
+    if kind == "checkerboard":
+        return ((np.floor(x) + np.floor(y)) % 2) == 0
+    if kind == "dots":
+        return (x % 1 - 0.5) ** 2 + (y % 1 - 0.5) ** 2 < 0.09
+    raise ValueError(kind)
+
+
 def _distractors(rng, img):
     size = img.shape[0]
     yy, xx = np.mgrid[0:size, 0:size]
@@ -97,9 +114,10 @@ def _neutral_colour(rng, against=None):
 
 def make_image(rng, size: int = 112):
     """(image [size, size, 3] float32 in [0, 1], label, mask [size, size] bool, box (x0, y0, x1, y1),
-    body kind (an index into BODIES))."""
+    texture (an index into TEXTURES))."""
     label = int(rng.integers(len(CLASSES)))
     body_kind = int(rng.integers(len(BODIES)))
+    texture = int(rng.integers(len(TEXTURES)))
     img = _distractors(rng, _background(rng, size))
     yy, xx = np.mgrid[0:size, 0:size]
     ry = rng.uniform(0.14, 0.25) * size                    # body: 31-56 px tall at 112 px
@@ -108,7 +126,9 @@ def make_image(rng, size: int = 112):
     cx = rng.uniform(rx + 1, size - rx - 1)
     body = _body_mask(BODIES[body_kind], rng, yy, xx, cy, cx, ry, rx)
     body_colour = _neutral_colour(rng, img[body].mean(0))
-    img[body] = body_colour + rng.normal(0, 0.03, (int(body.sum()), 3))   # a slightly grainy body
+    second = _neutral_colour(rng, body_colour)
+    pattern = _texture(TEXTURES[texture], yy, xx, rng.uniform(4, 6) * size / 112, rng.uniform(0, 6, 2))
+    img[body] = np.where(pattern[body][:, None], second, body_colour) + rng.normal(0, 0.03, (int(body.sum()), 3))
     rb = max(rng.uniform(0.3, 0.38) * min(ry, rx), 0.06 * size)   # badge: 13-21 px across at 112 px
     span_y, span_x = max(ry - rb - 1, 0), max(rx - rb - 1, 0)
     by = cy + rng.uniform(-0.7, 0.7) * span_y              # well inside the body
@@ -118,13 +138,13 @@ def make_image(rng, size: int = 112):
     mask = body | badge
     ys, xs = np.nonzero(mask)
     box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
-    return np.clip(img, 0, 1).astype(np.float32), label, mask, box, body_kind
+    return np.clip(img, 0, 1).astype(np.float32), label, mask, box, texture
 
 
-def make_split(n: int, seed: int, split: str, size: int = 112, with_bodies: bool = False):
+def make_split(n: int, seed: int, split: str, size: int = 112, with_textures: bool = False):
     """Arrays for one split: images [n, 3, size, size] float32, labels [n] int64,
-    masks [n, size, size] bool, boxes [n, 4] int64, and with_bodies=True the body kinds [n]
-    int64 (indices into BODIES). The splits 'pretrain', 'train' and 'test' draw from
+    masks [n, size, size] bool, boxes [n, 4] int64, and with_textures=True the body textures
+    [n] int64 (indices into TEXTURES). The splits 'pretrain', 'train' and 'test' draw from
     disjoint seed streams (SeedSequence spawn keys 2, 0 and 1)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -133,8 +153,8 @@ def make_split(n: int, seed: int, split: str, size: int = 112, with_bodies: bool
     labels = np.empty(n, np.int64)
     masks = np.empty((n, size, size), bool)
     boxes = np.empty((n, 4), np.int64)
-    bodies = np.empty(n, np.int64)
+    textures = np.empty(n, np.int64)
     for i in range(n):
-        img, labels[i], masks[i], boxes[i], bodies[i] = make_image(rng, size)
+        img, labels[i], masks[i], boxes[i], textures[i] = make_image(rng, size)
         images[i] = img.transpose(2, 0, 1)
-    return (images, labels, masks, boxes, bodies) if with_bodies else (images, labels, masks, boxes)
+    return (images, labels, masks, boxes, textures) if with_textures else (images, labels, masks, boxes)

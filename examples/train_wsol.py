@@ -44,8 +44,8 @@ SHIPPED_BACKBONE = os.path.join(HERE, "pretrained", "tinyvit_parts.pt")
 # seeded subsets of the same sizes and full mode the whole splits.
 MODES = {
     "quick": dict(train=512, test=256, epochs=1, lr=2e-4),
-    "full": dict(train=4000, test=1000, epochs=5, lr=5e-4),
-    "pretrain": dict(train=4000, test=500, epochs=15, lr=2e-3),
+    "full": dict(train=2400, test=600, epochs=4, lr=5e-4),
+    "pretrain": dict(train=3000, test=500, epochs=10, lr=2e-3, head_epochs=30),
 }
 
 
@@ -77,14 +77,16 @@ class WSOLModel(nn.Module):
 
 
 def load_pretrained(model: WSOLModel, path: str) -> dict:
-    """Loads the backbone of a checkpoint written by --mode pretrain (the TS-CAM head starts
-    afresh). Returns the checkpoint's metadata."""
+    """Loads a checkpoint written by --mode pretrain: the backbone, and the TS-CAM head when
+    the class count matches (synthetic data). Returns the checkpoint's metadata."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt["backbone_config"] != model.backbone.config:
         raise ValueError(f"{path} holds a backbone {ckpt['backbone_config']}, the model is "
                          f"{model.backbone.config}: pass --pretrained none or a matching checkpoint")
     model.backbone.load_state_dict({k: v.float() for k, v in ckpt["backbone"].items()})
-    return {k: v for k, v in ckpt.items() if k != "backbone"}
+    if ckpt["head"]["weight"].shape == model.head.weight.shape:
+        model.head.load_state_dict({k: v.float() for k, v in ckpt["head"].items()})
+    return {k: v for k, v in ckpt.items() if k not in ("backbone", "head")}
 
 
 # ----------------------------------------------------------------------------- training
@@ -97,7 +99,9 @@ def log(*args):
         print(*args, flush=True)
 
 
-def train(model, dataset, epochs, seed, desc, lr, workers=0, batch_size=64):
+def train(model, dataset, epochs, seed, desc, lr, workers=0, batch_size=64, loss_fn=None):
+    """AdamW with warm-up and cosine decay; loss_fn(model outputs, labels) defaults to the
+    cross-entropy of the logits."""
     from tqdm import tqdm
     g = torch.Generator().manual_seed(seed)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -123,8 +127,8 @@ def train(model, dataset, epochs, seed, desc, lr, workers=0, batch_size=64):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if flip:
                 x = x.flip(3)
-            logits, _, _ = net(x)
-            loss = F.cross_entropy(logits, y)
+            outputs = net(x)
+            loss = loss_fn(outputs, y) if loss_fn is not None else F.cross_entropy(outputs[0], y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # SCM's (1 + tau) products scale S up to 16x
@@ -133,6 +137,33 @@ def train(model, dataset, epochs, seed, desc, lr, workers=0, batch_size=64):
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
+    return model
+
+
+def fit_head(model, dataset, target, epochs, seed, batch_size=64, lr=3e-3):
+    """Stage 2 of pretraining: the TS-CAM head alone on the frozen backbone's patch tokens
+    (computed once), with the cross-entropy of GAP(S0) against target(labels)."""
+    from tqdm import tqdm
+    device = next(model.parameters()).device
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=128, collate_fn=datasets.collate)
+    tokens, labels = [], []
+    with torch.no_grad():
+        for x, y, _ in tqdm(loader, desc="backbone tokens", disable=not is_main(), mininterval=5, file=sys.stdout):
+            tokens.append(model.backbone.tokens(x.to(device))[1])
+            labels.append(target(y).to(device))
+    tokens, labels = torch.cat(tokens), torch.cat(labels)
+    grid_tokens = tokens.transpose(1, 2).reshape(len(tokens), -1, *model.backbone.grid)
+    opt = torch.optim.AdamW(model.head.parameters(), lr=lr, weight_decay=0.05)
+    g = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(epochs), desc="TS-CAM head", disable=not is_main(), mininterval=5, file=sys.stdout):
+        order = torch.randperm(len(tokens), generator=g)
+        for i in range(0, len(tokens) - batch_size + 1, batch_size):
+            idx = order[i:i + batch_size]
+            loss = F.cross_entropy(model.head(grid_tokens[idx]).mean((2, 3)), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return model
 
 
@@ -245,15 +276,14 @@ def figure(path, classes, runs, size):
 def load_data(args, size):
     """{"train", "test"} datasets for --dataset, sized by the mode."""
     if args.dataset == "synthetic":
-        from synthetic_shapes import BODIES, CLASSES, make_split
+        from synthetic_shapes import CLASSES, TEXTURES, make_split
         n_train = args.train_size or MODES[args.mode]["train"]
         n_test = args.test_size or MODES[args.mode]["test"]
-        if args.mode == "pretrain":   # pretraining classes: (body kind, badge class) pairs
-            tr = make_split(n_train, args.seed, "pretrain", size, with_bodies=True)
-            te = make_split(n_test, args.seed, "test", size, with_bodies=True)
-            names = [f"{c} on {b}" for b in BODIES for c in CLASSES]
-            return {"train": datasets.ArrayDataset(tr[0], tr[4] * len(CLASSES) + tr[1], tr[3], names),
-                    "test": datasets.ArrayDataset(te[0], te[4] * len(CLASSES) + te[1], te[3], names)}
+        if args.mode == "pretrain":   # training labels: texture * len(CLASSES) + badge class
+            tr = make_split(n_train, args.seed, "pretrain", size, with_textures=True)
+            te = make_split(n_test, args.seed, "test", size)
+            return {"train": datasets.ArrayDataset(tr[0], tr[4] * len(CLASSES) + tr[1], tr[3], CLASSES),
+                    "test": datasets.ArrayDataset(te[0], te[1], te[3], CLASSES)}
         tr = make_split(n_train, args.seed, "train", size)
         te = make_split(n_test, args.seed, "test", size)
         return {"train": datasets.ArrayDataset(tr[0], tr[1], tr[3], CLASSES),
@@ -282,8 +312,9 @@ def describe(args, cfg, data, pretrained_path):
     lines = [f"== mode {args.mode}, seed {args.seed}, backbone {args.backbone}, data: {what}",
              f"   {len(data['train'])} training / {len(data['test'])} test images, {len(data['train'].classes)} classes"]
     if args.mode == "pretrain":
-        lines.append(f"   pretrains the backbone from scratch for {cfg['epochs']} epochs with a class-token "
-                     f"classifier (DeiT-style) on {len(data['train'].classes)} classes, (body kind, badge); "
+        lines.append(f"   pretrains the backbone from scratch for {cfg['epochs']} epochs with two classifiers on the "
+                     f"class token (DeiT-style): the body's texture and the badge; then fits the TS-CAM head on the frozen "
+                     f"backbone for {cfg['head_epochs']} epochs on the badge class; "
                      f"writes {os.path.relpath(args.save_backbone)}")
     else:
         lines.append(f"   fine-tunes {start} for {cfg['epochs']} epoch(s) at LR {cfg['lr']:g}, twice: TS-CAM "
@@ -354,15 +385,27 @@ def main(argv=None):
         results["untrained"], _ = evaluate(new_model(False, len(classes)), data["test"], "eval untrained")
 
     if args.mode == "pretrain":
+        from synthetic_shapes import TEXTURES
         torch.manual_seed(args.seed)
-        model = WSOLModel(build_backbone(args.backbone, args.image_size), len(classes), False, len(classes)).to(device)
-        train(model, data["train"], cfg["epochs"], args.seed, "pretrain", cfg["lr"], args.workers, args.batch_size)
+        nt, nc = len(TEXTURES), len(classes)
+        model = WSOLModel(build_backbone(args.backbone, args.image_size), nc, False, token_classes=nt + nc).to(device)
+
+        def texture_task(outputs, y):   # stage 1: the body's texture and the badge from the class token
+            return F.cross_entropy(outputs[0][:, :nt], y // nc) + F.cross_entropy(outputs[0][:, nt:], y % nc)
+
+        train(model, data["train"], cfg["epochs"], args.seed, "pretrain", cfg["lr"], args.workers, args.batch_size,
+              loss_fn=texture_task)
+        model.token_head = None      # from here on, a TS-CAM model: logits = GAP(S0)
+        fit_head(model, data["train"], lambda y: y % nc, cfg["head_epochs"], args.seed, args.batch_size)
         if is_main():
-            results["pretrained_f0"], _ = evaluate(model, data["test"], "eval pretrained", f0_only=True)
+            results["pretrained"], kept["pretrained"] = evaluate(model, data["test"], "eval pretrained")
+            results["pretrained_f0"], _ = evaluate(model, data["test"], "eval pretrained F0", f0_only=True,
+                                                   classify=False)
             os.makedirs(os.path.dirname(os.path.abspath(args.save_backbone)), exist_ok=True)
             torch.save(dict(backbone_config=model.backbone.config, classes=list(classes), seed=args.seed,
                             epochs=cfg["epochs"], lr=cfg["lr"], train_images=len(data["train"]),
-                            backbone={k: v.half() for k, v in model.backbone.state_dict().items()}),
+                            backbone={k: v.half() for k, v in model.backbone.state_dict().items()},
+                            head={k: v.half() for k, v in model.head.state_dict().items()}),
                        args.save_backbone)
     else:
         start = new_model(False, len(classes))
@@ -371,6 +414,9 @@ def main(argv=None):
             if is_main():
                 results["pretrained_f0"], _ = evaluate(start, data["test"], "eval pretrained F0", f0_only=True,
                                                        classify=False)
+                if start.head.weight.shape[0] == len(classes) and "head" in torch.load(
+                        pretrained_path, map_location="cpu", weights_only=True):
+                    results["pretrained"], _ = evaluate(start, data["test"], "eval pretrained")
         for name in ("baseline", "scm"):
             model = new_model(name == "scm", len(classes))
             model.backbone.load_state_dict(start.backbone.state_dict())   # the same start for both
@@ -387,7 +433,8 @@ def main(argv=None):
         results["centred_box"] = fixed_box_floor((q, q, size - 1 - q, size - 1 - q), data["test"], ref)
         keys = ("top1_cls", "top1_loc", "gt_known_loc", "maxboxacc_v2")
         table = {k: {m: round(v[m], 2) for m in keys if m in v} for k, v in results.items()}
-        rows = [r for r in ("baseline", "scm", "pretrained_f0", "whole_image_box", "centred_box", "untrained")
+        rows = [r for r in ("baseline", "scm", "pretrained", "pretrained_f0", "whole_image_box", "centred_box",
+                            "untrained")
                 if r in table]
         summary = dict(mode=args.mode, dataset=args.dataset, backbone=args.backbone, seed=args.seed,
                        world_size=world, epochs=cfg["epochs"], lr=cfg["lr"], train_images=len(data["train"]),

@@ -41,7 +41,8 @@ def test_quick_mode_localises_under_torchrun_with_two_processes(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["mode"] == "quick"
     results = metrics["results"]
-    assert set(results) == {"baseline", "scm", "pretrained_f0", "whole_image_box", "centred_box", "untrained"}
+    assert set(results) == {"baseline", "scm", "pretrained", "pretrained_f0", "whole_image_box", "centred_box",
+                            "untrained"}
     floor = max(results[r]["gt_known_loc"] for r in ("whole_image_box", "centred_box", "untrained"))
     for name in ("baseline", "scm"):
         assert results[name]["gt_known_loc"] >= floor + 20, (name, results)
