@@ -204,3 +204,22 @@ def test_radius_uses_sigma_where_gershgorin_is_loose_and_divergence_raises():
     d[0, 1, 1] = 30.0
     with pytest.raises(NewtonSchulzDivergenceError, match="sigma_max"):
         series_radius(w, d, offsets, 0.002)
+
+
+def test_custom_operator_matches_function_and_passes_opcheck():
+    """scm_ops::chebyshev_filter (what torch.compile calls; its backward recomputes the
+    basis) gives the Function's values and gradients, both semantics (same arithmetic:
+    measured 0), and passes torch.library.opcheck (schema, fake tensor, autograd
+    registration)."""
+    offsets = OFFSETS[4]
+    w, d = random_stencil(2, 4, torch.float64, "cpu", grid=(5, 6))
+    f = torch.rand(2, 5, 6, dtype=torch.float64)
+    weights = torch.randn(2, 5, 6, dtype=torch.float64)
+    for exact in (False, True):
+        ours = values_and_gradients(lambda *x: torch.ops.scm_ops.chebyshev_filter(*x, 0.002, 12, 4, exact),
+                                    f, w, d, weights)
+        ref = values_and_gradients(lambda *x: ChebyshevFilter.apply(*x, 0.002, 12, offsets, exact), f, w, d, weights)
+        for name, a, r in zip(("u", "dF", "dw", "dd"), ours, ref):
+            assert_rel_rmse(a, r, 1e-14, name)
+        leaves = [t.clone().requires_grad_() for t in (f, w, d)]
+        torch.library.opcheck(torch.ops.scm_ops.chebyshev_filter, (*leaves, 0.002, 12, 4, exact))

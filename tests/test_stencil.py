@@ -102,6 +102,8 @@ def test_neighbour_cosine_gradcheck_torch_path(device, connectivity):
 @pytest.mark.parametrize("exact, connectivity, grid", [
     (False, 4, GRID), (True, 4, GRID), (False, 8, GRID), (True, 8, GRID),
     (True, 8, (1, 5)), (True, 8, (5, 1)), (True, 4, (1, 1)),          # degenerate grids
+    (False, 4, (23, 23)),                       # 529 cells: the wide Triton kernels (BLOCK_N 1024)
+    (True, 8, (22, 22)),                        # 484 cells: 8 neighbours at BLOCK_N 512, the most on chip
 ], ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else str(v))
 def test_stencil_series_matches_dense_newton_schulz(device, backend, connectivity, exact, grid):
     """u = X_p^T F with X_p from Newton-Schulz on the dense L, value and gradients (float64)."""
@@ -115,7 +117,8 @@ def test_stencil_series_matches_dense_newton_schulz(device, backend, connectivit
     L = dense_laplacian(ref_leaves[1], ref_leaves[2], offsets)
     x = newton_schulz_inverse_ref(L, p, alpha, detach_init=not exact)
     u_ref = (x.transpose(1, 2) @ ref_leaves[0].reshape(2, -1, 1)).reshape(u.shape)
-    # float64, both backends: measured u 3.9e-16, gradients up to 4.5e-16; bounds about 10x
+    # float64, both backends: measured u up to 8.6e-16, gradients up to 8.9e-16 (23 x 23;
+    # 4e-16 on the small grids); bounds about 6-10x
     assert_rel_rmse(u, u_ref, 5e-15, "u")
     weights = torch.randn_like(u)
     grads = torch.autograd.grad((u * weights).sum(), leaves)
@@ -129,3 +132,22 @@ def test_stencil_series_gradcheck_torch_path(device):
     f = torch.rand(1, *GRID, dtype=torch.float64, device=device)
     leaves = [t.clone().requires_grad_() for t in (f, w, d)]
     assert torch.autograd.gradcheck(lambda *x: StencilSeries.apply(*x, 0.05, 2, OFFSETS[4], True, "torch"), leaves)
+
+
+def test_neighbour_cosine_of_subnormal_norms(device, backend):
+    """Vectors whose squared norm is subnormal in float32 (entries ~1e-20, |s|^2 ~ 7e-39 <
+    1.2e-38) still get their cosines, equal to the float64 values: the Triton kernels take
+    sqrt and division correctly rounded (sqrt_rn, div_rn) because the GPU's approximate
+    ones flush subnormal inputs to 0. On a CPU this runs in the Triton interpreter, whose
+    sqrt and division are NumPy's IEEE ones: it checks the arithmetic path, not the GPU's
+    rounding. Measured error 1.4e-6 on both backends (the subnormal squares keep fewer
+    bits); bound about 10x."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 70, *GRID, generator=g, dtype=torch.float64)
+    s[:, :, 1] *= 1e-20                                   # a whole row of tiny vectors
+    sq = (s[:, :, 1].float() ** 2).sum(1)
+    assert bool(((sq > 0) & (sq < torch.finfo(torch.float32).tiny)).all())
+    e, _ = NeighbourCosine.apply(s.to(device, torch.float32), OFFSETS[4], backend)
+    e_ref = neighbour_entries(cosine_similarity_ref(s.flatten(2).transpose(1, 2)), *GRID, OFFSETS[4])
+    assert torch.isfinite(e).all()
+    assert_rel_rmse(e, e_ref, 1.5e-5, "cosines with subnormal norms")

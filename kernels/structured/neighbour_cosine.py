@@ -40,9 +40,17 @@ def _cosine_offset(s_ptr, offs_c, c_ok, r, cl, H, W, N, here, dr: tl.constexpr, 
 
 
 @triton.jit
-def _store_cosine(e_ptr, k: tl.constexpr, dot, sq_here, sq_there, offs, inside, N):
-    den = tl.sqrt(sq_here) * tl.sqrt(sq_there)
-    e = tl.where(den > 0, dot / tl.where(den > 0, den, 1.0), 0.0)
+def _store_cosine(e_ptr, k: tl.constexpr, dot, sq_here, sq_there, offs, inside, N, IS_FP64: tl.constexpr):
+    """e = dot / (|s_n| |s_m|), 0 where a norm is 0. float32 takes correctly rounded sqrt
+    and division (sqrt_rn, div_rn): the GPU's default approximate ones flush subnormal
+    inputs, so a vector with 0 < |s|^2 < 1.2e-38 would get the cosine 0 instead of its
+    value. float64 sqrt and division are IEEE already (and the _rn forms are fp32 only)."""
+    if IS_FP64:
+        den = tl.sqrt(sq_here) * tl.sqrt(sq_there)
+        e = tl.where(den > 0, dot / tl.where(den > 0, den, 1.0), 0.0)
+    else:
+        den = tl.sqrt_rn(sq_here) * tl.sqrt_rn(sq_there)
+        e = tl.where(den > 0, tl.div_rn(dot, tl.where(den > 0, den, 1.0)), 0.0)
     tl.store(e_ptr + k * N + offs, e.to(e_ptr.dtype.element_ty), mask=inside)
 
 
@@ -91,11 +99,11 @@ def neighbour_cosine_fwd_kernel(
             sq3 += q
     K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
     e_ptr += b * K * N
-    _store_cosine(e_ptr, 0, dot0, sq, sq0, offs, inside, N)
-    _store_cosine(e_ptr, 1, dot1, sq, sq1, offs, inside, N)
+    _store_cosine(e_ptr, 0, dot0, sq, sq0, offs, inside, N, IS_FP64)
+    _store_cosine(e_ptr, 1, dot1, sq, sq1, offs, inside, N, IS_FP64)
     if EIGHT_NEIGHBOURS:
-        _store_cosine(e_ptr, 2, dot2, sq, sq2, offs, inside, N)
-        _store_cosine(e_ptr, 3, dot3, sq, sq3, offs, inside, N)
+        _store_cosine(e_ptr, 2, dot2, sq, sq2, offs, inside, N, IS_FP64)
+        _store_cosine(e_ptr, 3, dot3, sq, sq3, offs, inside, N, IS_FP64)
     tl.store(sq_ptr + b * N + offs, sq.to(sq_ptr.dtype.element_ty), mask=inside)
 
 

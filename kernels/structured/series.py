@@ -5,21 +5,41 @@ import triton.language as tl
 
 from .stencil import _pair_sum, _stencil_matvec
 
-CONFIGS = {"fp32": dict(num_warps=8), "fp64": dict(num_warps=8)}
 # One program holds a whole grid: the launcher takes the smallest BLOCK_N here that holds
-# the grid's cells (up to 16 x 16, 22 x 22, 32 x 32); larger grids run in PyTorch.
+# the grid's cells (up to 16 x 16, 22 x 22, 32 x 32); larger grids run in PyTorch, and so
+# do 8-neighbour grids above EIGHT_NEIGHBOUR_MAX_BLOCK_N cells: at BLOCK_N = 1024 their
+# backward spilled registers at every warp count tried (8 warps: up to 440 B in float64,
+# 40 B in float32; 16 warps, capped at 128 registers a thread: 52-184 B).
 BLOCK_N_CHOICES = (256, 512, 1024)
+EIGHT_NEIGHBOUR_MAX_BLOCK_N = 512
+# Blocks up to NARROW_MAX_BLOCK_N cells take the kernels as written; larger ones take the
+# *_wide_kernel copies of the same code (4 neighbours only), whose backward runs 16 warps
+# so that a thread holds fewer cells. Warps per kernel and dtype are the spill-free ones
+# found by python -m scm_ops.aot (e.g. the float64 backward at BLOCK_N = 512 spilled 8 B at
+# 8 warps, the float64 forward at 512, 8 neighbours, 4 B at 16 warps).
+NARROW_MAX_BLOCK_N = 512
+CONFIGS = {
+    "stencil_series_fwd_kernel": {"fp32": dict(num_warps=8), "fp64": dict(num_warps=8)},
+    "stencil_series_bwd_kernel": {"fp32": dict(num_warps=8), "fp64": dict(num_warps=16)},
+    "stencil_series_fwd_wide_kernel": {"fp32": dict(num_warps=8), "fp64": dict(num_warps=8)},
+    "stencil_series_bwd_wide_kernel": {"fp32": dict(num_warps=16), "fp64": dict(num_warps=16)},
+}
 
 # Ahead-of-time check (python -m scm_ops.aot): per kernel, the types of its run-time
 # arguments ("*in": pointer of the input dtype, "*acc": of the accumulation dtype, "i32",
 # "fp32"), the input dtypes its launcher passes (default all four) and the values each
 # constexpr that is not in CONFIGS takes at launch (IS_FP64 follows the dtype).
+_NARROW = tuple(b for b in BLOCK_N_CHOICES if b <= NARROW_MAX_BLOCK_N)
+_WIDE = tuple(b for b in BLOCK_N_CHOICES if b > NARROW_MAX_BLOCK_N)
+_FWD = dict(args=["*in"] * 8 + ["i32"] * 4, dtypes=("fp32", "fp64"))
+_BWD = dict(args=["*in"] * 10 + ["i32"] * 4, dtypes=("fp32", "fp64"))
 AOT = {
-    "stencil_series_fwd_kernel": dict(args=["*in"] * 8 + ["i32"] * 4, dtypes=("fp32", "fp64"),
-                                      choices={"EIGHT_NEIGHBOURS": (False, True), "BLOCK_N": BLOCK_N_CHOICES}),
-    "stencil_series_bwd_kernel": dict(args=["*in"] * 10 + ["i32"] * 4, dtypes=("fp32", "fp64"),
-                                      choices={"EIGHT_NEIGHBOURS": (False, True), "EXACT": (False, True),
-                                               "BLOCK_N": BLOCK_N_CHOICES}),
+    "stencil_series_fwd_kernel": dict(_FWD, choices={"EIGHT_NEIGHBOURS": (False, True), "BLOCK_N": _NARROW}),
+    "stencil_series_bwd_kernel": dict(_BWD, choices={"EIGHT_NEIGHBOURS": (False, True), "EXACT": (False, True),
+                                                     "BLOCK_N": _NARROW}),
+    "stencil_series_fwd_wide_kernel": dict(_FWD, choices={"EIGHT_NEIGHBOURS": (False,), "BLOCK_N": _WIDE}),
+    "stencil_series_bwd_wide_kernel": dict(_BWD, choices={"EIGHT_NEIGHBOURS": (False,), "EXACT": (False, True),
+                                                          "BLOCK_N": _WIDE}),
 }
 
 
@@ -60,6 +80,29 @@ def stencil_series_fwd_kernel(
 
 
 @triton.jit
+def _add_pair_sum(plane_ptr, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs,
+                  dr: tl.constexpr, dc: tl.constexpr):
+    """plane[n] += scale (p[n] q[n + o] + p[n + o] q[n]) in global memory (each thread reads
+    and writes only its own cells)."""
+    total = tl.load(plane_ptr + offs, mask=inside, other=0.0)
+    total += scale * _pair_sum(scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, dr, dc)
+    tl.store(plane_ptr + offs, total, mask=inside)
+
+
+@triton.jit
+def _add_pair_sums(grad_w_ptr, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs,
+                   EIGHT_NEIGHBOURS: tl.constexpr):
+    """_add_pair_sum for every plane k of grad_w: the planes accumulate in memory, because
+    keeping 2 or 4 of them in registers across the loop made the 8-neighbour kernels spill."""
+    N = H * W
+    _add_pair_sum(grad_w_ptr, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, 0, 1)
+    _add_pair_sum(grad_w_ptr + N, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, 1, 0)
+    if EIGHT_NEIGHBOURS:
+        _add_pair_sum(grad_w_ptr + 2 * N, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, 1, 1)
+        _add_pair_sum(grad_w_ptr + 3 * N, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, 1, -1)
+
+
+@triton.jit
 def stencil_series_bwd_kernel(
     grad_u_ptr, w_ptr, d_ptr, xs_ptr, rs_ptr, grad_f_ptr, grad_w_ptr, grad_d_ptr, scratch_ptr,
     alpha_ptr, B, H, W, STEPS,
@@ -69,7 +112,7 @@ def stencil_series_bwd_kernel(
     b_j = alpha L a, then a <- a - L b_j (a before the update is a_{j+1}), and
         dF += b_j;  dw_k[n] -= b_j[n] x_j[n+o] + b_j[n+o] x_j[n];  dd -= b_j x_j,
     plus, with EXACT, alpha (a_{j+1}[n] r_j[n+o] + a_{j+1}[n+o] r_j[n]) and alpha a_{j+1} r_j.
-    Grid (B,)."""
+    The dw planes accumulate in grad_w itself. Grid (B,)."""
     K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
     N = H * W
     b, offs, inside, r, c, alpha, d, w_ptr, scratch_ptr = _series_program(
@@ -77,38 +120,27 @@ def stencil_series_bwd_kernel(
     a = tl.load(grad_u_ptr + b * N + offs, mask=inside, other=0.0)
     grad_f = tl.zeros_like(a)
     grad_d = tl.zeros_like(a)
-    gw0 = tl.zeros_like(a)
-    gw1 = tl.zeros_like(a)
-    gw2 = tl.zeros_like(a)
-    gw3 = tl.zeros_like(a)
+    grad_w_ptr += b * K * N  # 0 where n + o_k is off the grid: _shifted reads 0 there
+    for k in tl.static_range(K):
+        tl.store(grad_w_ptr + k * N + offs, grad_f, mask=inside)
     for i in range(STEPS):
         j = STEPS - 1 - i
         x_ptr = xs_ptr + (j * B + b) * N
         res_ptr = rs_ptr + (j * B + b) * N
-        x = tl.load(x_ptr + offs, mask=inside, other=0.0)
         bj = alpha * _stencil_matvec(scratch_ptr, w_ptr, d, a, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
         if EXACT:  # a = a_{j+1} is published now
             res = tl.load(res_ptr + offs, mask=inside, other=0.0)
             grad_d += alpha * a * res
-            gw0 += alpha * _pair_sum(scratch_ptr, a, res_ptr, r, c, H, W, inside, offs, 0, 1)
-            gw1 += alpha * _pair_sum(scratch_ptr, a, res_ptr, r, c, H, W, inside, offs, 1, 0)
-            if EIGHT_NEIGHBOURS:
-                gw2 += alpha * _pair_sum(scratch_ptr, a, res_ptr, r, c, H, W, inside, offs, 1, 1)
-                gw3 += alpha * _pair_sum(scratch_ptr, a, res_ptr, r, c, H, W, inside, offs, 1, -1)
+            _add_pair_sums(grad_w_ptr, alpha, scratch_ptr, a, res_ptr, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
         a -= _stencil_matvec(scratch_ptr, w_ptr, d, bj, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
         # b_j is published now
         grad_f += bj
-        grad_d -= bj * x
-        gw0 -= _pair_sum(scratch_ptr, bj, x_ptr, r, c, H, W, inside, offs, 0, 1)
-        gw1 -= _pair_sum(scratch_ptr, bj, x_ptr, r, c, H, W, inside, offs, 1, 0)
-        if EIGHT_NEIGHBOURS:
-            gw2 -= _pair_sum(scratch_ptr, bj, x_ptr, r, c, H, W, inside, offs, 1, 1)
-            gw3 -= _pair_sum(scratch_ptr, bj, x_ptr, r, c, H, W, inside, offs, 1, -1)
+        grad_d -= bj * tl.load(x_ptr + offs, mask=inside, other=0.0)
+        _add_pair_sums(grad_w_ptr, -1.0, scratch_ptr, bj, x_ptr, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
     tl.store(grad_f_ptr + b * N + offs, grad_f, mask=inside)
     tl.store(grad_d_ptr + b * N + offs, grad_d, mask=inside)
-    grad_w_ptr += b * K * N  # 0 where n + o_k is off the grid: _shifted reads 0 there
-    tl.store(grad_w_ptr + offs, gw0, mask=inside)
-    tl.store(grad_w_ptr + N + offs, gw1, mask=inside)
-    if EIGHT_NEIGHBOURS:
-        tl.store(grad_w_ptr + 2 * N + offs, gw2, mask=inside)
-        tl.store(grad_w_ptr + 3 * N + offs, gw3, mask=inside)
+
+
+# The same kernels for blocks above NARROW_MAX_BLOCK_N (4 neighbours), launched with CONFIGS' warps.
+stencil_series_fwd_wide_kernel = triton.jit(stencil_series_fwd_kernel.fn)
+stencil_series_bwd_wide_kernel = triton.jit(stencil_series_bwd_kernel.fn)

@@ -54,40 +54,42 @@ def _series_bwd_torch(grad_u, w, d, q, alpha, offsets, exact):
     return grad_f.reshape(B, H, W), grad_w, grad_d
 
 
-def series_max_cells() -> int:
-    """The largest grid (cells) the Triton series holds in one program; larger grids take
-    the PyTorch steps."""
-    return max(kernel_module("structured.series").BLOCK_N_CHOICES)
-
-
-def _series_launch(f):
-    """(kernel module, grid, BLOCK_N, launch options, scratch [B, BLOCK_N]) for one image a
-    program; BLOCK_N is the smallest of the kernel's compiled block sizes that holds the grid."""
+def series_max_cells(connectivity: int = 4) -> int:
+    """The largest grid (cells) the Triton series holds in one program for 4 or 8
+    neighbours (1024 and 512); larger grids take the PyTorch steps."""
     kern = kernel_module("structured.series")
-    _, launch = kernel_config(kern, f.dtype)
+    largest = max(kern.BLOCK_N_CHOICES)
+    return min(largest, kern.EIGHT_NEIGHBOUR_MAX_BLOCK_N) if connectivity == 8 else largest
+
+
+def _series_launch(f, direction):
+    """(kernel, grid, BLOCK_N, launch options, scratch [B, BLOCK_N]) for one image a
+    program; BLOCK_N is the smallest of the kernel's compiled block sizes that holds the
+    grid, and blocks above NARROW_MAX_BLOCK_N take the wide copy of the kernel (more warps)."""
+    kern = kernel_module("structured.series")
     block = min(b for b in kern.BLOCK_N_CHOICES if b >= f.shape[1] * f.shape[2])
-    return kern, (f.shape[0],), block, launch, f.new_empty(f.shape[0], block)
+    name = f"stencil_series_{direction}{'_wide' if block > kern.NARROW_MAX_BLOCK_N else ''}_kernel"
+    _, launch = kernel_config(kern, f.dtype, name)
+    return getattr(kern, name), (f.shape[0],), block, launch, f.new_empty(f.shape[0], block)
 
 
 def _series_fwd_triton(f, w, d, alpha, steps, offsets):
-    kern, grid, block, launch, scratch = _series_launch(f)
+    kernel, grid, block, launch, scratch = _series_launch(f, "fwd")
     B, H, W = f.shape
     u = torch.empty_like(f)
     xs, rs = f.new_empty(steps, B, H, W), f.new_empty(steps, B, H, W)
-    kern.stencil_series_fwd_kernel[grid](f, w, d, u, xs, rs, scratch, f.new_full((1,), alpha), B, H, W, steps,
-                                         EIGHT_NEIGHBOURS=len(offsets) == 4, BLOCK_N=block, **launch)
+    kernel[grid](f, w, d, u, xs, rs, scratch, f.new_full((1,), alpha), B, H, W, steps,
+                 EIGHT_NEIGHBOURS=len(offsets) == 4, BLOCK_N=block, **launch)
     return u, xs, rs
 
 
 def _series_bwd_triton(grad_u, w, d, xs, rs, alpha, offsets, exact):
-    kern, grid, block, launch, scratch = _series_launch(grad_u)
+    kernel, grid, block, launch, scratch = _series_launch(grad_u, "bwd")
     B, H, W = grad_u.shape
     grad_f, grad_d = torch.empty_like(grad_u), torch.empty_like(grad_u)
     grad_w = torch.empty_like(w)
-    kern.stencil_series_bwd_kernel[grid](grad_u, w, d, xs, rs, grad_f, grad_w, grad_d, scratch,
-                                         grad_u.new_full((1,), alpha),
-                                         B, H, W, xs.shape[0], EXACT=exact,
-                                         EIGHT_NEIGHBOURS=len(offsets) == 4, BLOCK_N=block, **launch)
+    kernel[grid](grad_u, w, d, xs, rs, grad_f, grad_w, grad_d, scratch, grad_u.new_full((1,), alpha),
+                 B, H, W, xs.shape[0], EXACT=exact, EIGHT_NEIGHBOURS=len(offsets) == 4, BLOCK_N=block, **launch)
     return grad_f, grad_w, grad_d
 
 
@@ -103,13 +105,14 @@ class StencilSeries(torch.autograd.Function):
         dL = sum_j alpha a_{j+1} r_j^T - b_j x_j^T   (exact: the outer alpha L of every
              step is differentiated) or  -sum_j b_j x_j^T  (X_0 detached: it is constant),
     read off on the stencil only. `backend` "triton" runs all steps of an image in one
-    program (kernels/structured/series.py; grids up to series_max_cells() cells), "torch" runs them as
+    program (kernels/structured/series.py; grids up to series_max_cells(connectivity) cells:
+    1024 with 4 neighbours, 512 with 8), "torch" runs them as
     stencil products in PyTorch.
     """
 
     @staticmethod
     def forward(ctx, f, w, d, alpha, iterations, offsets, exact, backend="torch"):
-        if backend == "triton" and f.shape[1] * f.shape[2] > series_max_cells():
+        if backend == "triton" and f.shape[1] * f.shape[2] > series_max_cells(2 * len(offsets)):
             backend = "torch"
         if backend == "triton":
             f, w, d = f.contiguous(), w.contiguous(), d.contiguous()
