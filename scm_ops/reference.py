@@ -1,7 +1,7 @@
 """Reference implementations, written for clarity, not speed: one per operator, used by the
 tests as ground truth (in float64) and by the benchmarks as the published formulation.
 
-Each follows SPEC sections 3-4 literally with dense matrices and autograd through plain
+Each follows docs/maths.md ("One activation diffusion block", "Newton-Schulz") literally with dense matrices and autograd through plain
 Python loops. They take the same arguments as the fused operators.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _div(num, den, strict):
 def activation_diffusion_ref(attention, semantic, lams, betas, iterations=(16, 4, 4, 4),
                              alpha: float = 0.002, connectivity: int = 4, detach_init: bool = True,
                              strict_published: bool = False):
-    """The published SCM stack of SPEC section 3, dense, with autograd through every loop.
+    """The published SCM stack (docs/maths.md, "The stack"), dense, with autograd through every loop.
 
     attention [B, N] or [B, H, W], semantic [B, C, H, W]; lams, betas: one per block
     (a sequence of scalars or a [blocks] tensor). detach_init=True is the published gradient.
