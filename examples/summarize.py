@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 KEYS = ("top1_cls", "top1_loc", "gt_known_loc", "maxboxacc_v2")
-ROWS = ("baseline", "scm", "pretrained", "pretrained_f0", "whole_image_box", "centred_box", "untrained")
+ROWS = ("baseline", "scm", "pretrained_f0", "whole_image_box", "centred_box", "untrained")
 
 
 def _cell(values):
