@@ -1,6 +1,6 @@
 """Weakly supervised object localisation with a ViT: the TS-CAM baseline against SCM.
 
-    python examples/train_wsol.py --mode quick             # < 2 min on 2 CPU cores: smoke check
+    python examples/train_wsol.py --mode quick             # about 1-2 min on 2 CPU cores: smoke check
     python examples/train_wsol.py --mode full --seed 1     # the synthetic benchmark, one seed
     python examples/train_wsol.py --mode pretrain          # remakes examples/pretrained/tinyvit_parts.pt
     python examples/train_wsol.py --dataset cub --data-root CUB_200_2011 --mode quick
