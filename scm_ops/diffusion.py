@@ -11,7 +11,7 @@ from .laplacian import spatial_semantic_laplacian
 from .newton_schulz import (NewtonSchulzDivergenceError, assert_block_converges, assert_stencil_converges,
                             newton_schulz_inverse)
 from .structured import (OFFSETS, GradSlot, NeighbourCosine, ScalePatches, SpectralFilter, Stencil,
-                         StencilSeries, chebyshev_filter, grid_masks, stencil_to_dense)
+                         chebyshev_filter, grid_masks, stencil_series, stencil_to_dense)
 
 __all__ = ["ActivationDiffusion", "attention_map_from_blocks", "localization_map", "minmax_normalize"]
 
@@ -248,7 +248,7 @@ class ActivationDiffusion(nn.Module):
             if 2 ** p <= MATRIX_FREE_MAX_STEPS:
                 if checks_enabled():
                     self._check_convergence_stencil(w, d, offsets, block, lam[block])
-                u = StencilSeries.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients, backend)
+                u = stencil_series(f, w, d, self.alpha, p, offsets, self.exact_gradients, backend)
             elif (route := self.large_p_route or default_large_p_route(s.device, (H, W))) == "chebyshev":
                 if checks_enabled():
                     self._check_convergence_stencil(w, d, offsets, block, lam[block])
@@ -297,7 +297,7 @@ class ActivationDiffusion(nn.Module):
 
 
 def attention_map_from_blocks(attentions, grid_size) -> torch.Tensor:
-    """F0 of SPEC section 2 from per-block attention weights.
+    """F0 (docs/maths.md, "F0 and S0") from per-block attention weights.
 
     Args:
         attentions: a sequence of post-softmax attention tensors [B, heads, 1+N, 1+N] (class
@@ -317,7 +317,7 @@ def attention_map_from_blocks(attentions, grid_size) -> torch.Tensor:
 
 
 def localization_map(attention: torch.Tensor, semantic: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Inference map F0 * S0[c] (SPEC section 2): attention [B, H, W], semantic
+    """Inference map F0 * S0[c] (docs/maths.md, "F0 and S0"): attention [B, H, W], semantic
     [B, C, H, W], classes [B] (long) or [B, k] -> [B, H, W] or [B, k, H, W]."""
     if classes.dim() == 1:
         return attention * semantic[torch.arange(semantic.shape[0], device=semantic.device), classes]

@@ -1,4 +1,4 @@
-"""ActivationDiffusion against the published stack of SPEC section 3 (scm_ops.reference)."""
+"""ActivationDiffusion against the published stack (docs/maths.md, "The stack"; scm_ops.reference)."""
 import pytest
 import torch
 
@@ -52,8 +52,8 @@ TOL = {torch.float64: (1e-9, 1e-6), torch.float32: (1e-4, 2e-3)}
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["published_grad", "exact_grad"])
-@pytest.mark.parametrize("channels", [200, 1000])
-@pytest.mark.parametrize("grid", [(14, 14), (7, 9)])
+@pytest.mark.parametrize("grid, channels", [((14, 14), 200), ((7, 9), 200), ((7, 9), 1000)],
+                         ids=["14x14-C200", "7x9-C200", "7x9-C1000"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_structured_matches_published(device, backend, dtype, grid, channels, exact):
     module = scm_ops.ActivationDiffusion(grid, exact_gradients=exact, lam=[1.0, 1.1, 0.9, 1.05],
@@ -80,8 +80,8 @@ def test_every_large_p_route_matches_published(device, backend, route, dtype, ex
     """The p = 16 block by each route (Chebyshev series, spectral form, dense Newton-Schulz
     on the stencil's L) against the published stack, values and every gradient, with the
     tolerances of TOL for the dtype (the Chebyshev series' own error, float64 ~1e-11 and
-    float32 ~7e-6 at the operator, is far inside them); and a diverging lam raises."""
-    grid = (7, 9)
+    float32 inputs ~1e-7 at the operator, is far inside them); and a diverging lam raises."""
+    grid = (5, 6)
     module = scm_ops.ActivationDiffusion(grid, iterations=(16, 4), exact_gradients=exact, lam=[1.05, 0.95],
                                          backend=backend, large_p_route=route).to(device)
     f, s = inputs(2, 60, grid, dtype, device)

@@ -151,3 +151,24 @@ def test_neighbour_cosine_of_subnormal_norms(device, backend):
     e_ref = neighbour_entries(cosine_similarity_ref(s.flatten(2).transpose(1, 2)), *GRID, OFFSETS[4])
     assert torch.isfinite(e).all()
     assert_rel_rmse(e, e_ref, 1.5e-5, "cosines with subnormal norms")
+
+
+def test_stencil_series_custom_operator_matches_function(device, backend):
+    """scm_ops::stencil_series (what torch.compile calls) against the Function, values and
+    gradients, both semantics (the same arithmetic: measured 0), and torch.library.opcheck
+    (schema, fake tensor, autograd registration) on the PyTorch path."""
+    w, d = random_stencil(2, 4, torch.float64, device)
+    f = torch.rand(2, *GRID, dtype=torch.float64, device=device)
+    weights = torch.randn(2, *GRID, dtype=torch.float64, device=device)
+    for exact in (False, True):
+        results = []
+        for fn in (lambda *x: torch.ops.scm_ops.stencil_series(*x, 0.05, 3, 4, exact, backend)[0],
+                   lambda *x: StencilSeries.apply(*x, 0.05, 3, OFFSETS[4], exact, backend)):
+            leaves = [t.clone().requires_grad_() for t in (f, w, d)]
+            u = fn(*leaves)
+            results.append([u] + list(torch.autograd.grad((u * weights).sum(), leaves)))
+        for name, a, b in zip(("u", "dF", "dw", "dd"), *results):
+            assert_rel_rmse(a, b, 1e-15, name)
+    if backend == "torch":
+        leaves = [t.clone().requires_grad_() for t in (f, w, d)]
+        torch.library.opcheck(torch.ops.scm_ops.stencil_series, (*leaves, 0.05, 3, 4, True, backend))

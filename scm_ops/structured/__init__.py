@@ -18,9 +18,9 @@ Triton kernels live in kernels/structured/ (installed as scm_ops.kernels.structu
 from .chebyshev import ChebyshevFilter, chebyshev_filter
 from .grad_slot import GradSlot, ScalePatches
 from .neighbour_cosine import NeighbourCosine
-from .series import StencilSeries, series_max_cells
+from .series import StencilSeries, series_max_cells, stencil_series
 from .spectral import SpectralFilter
 from .stencil import OFFSETS, Stencil, grid_masks, stencil_to_dense
 
-__all__ = ["ChebyshevFilter", "chebyshev_filter", "GradSlot", "ScalePatches", "NeighbourCosine", "StencilSeries", "series_max_cells", "SpectralFilter",
+__all__ = ["ChebyshevFilter", "chebyshev_filter", "GradSlot", "ScalePatches", "NeighbourCosine", "StencilSeries", "series_max_cells", "stencil_series", "SpectralFilter",
            "OFFSETS", "Stencil", "grid_masks", "stencil_to_dense"]

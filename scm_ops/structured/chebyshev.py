@@ -21,18 +21,25 @@ from .stencil import OFFSETS, FlatStencil, Stencil, StencilReader, grid_masks, s
 
 __all__ = ["ChebyshevFilter", "chebyshev_filter", "chebyshev_coefficients", "series_radius", "DEGREE_TOLERANCE"]
 
-# Truncation tolerance of the series, by dtype: the series stops where the sum of the
-# absolute values of the dropped coefficients is below this fraction of max |f| on the
+# Truncation tolerance of the series, by input dtype: the series stops where the sum of
+# the absolute values of the dropped coefficients is below this fraction of max |f| on the
 # interval (f = phi, or psi(z) = (1 - alpha z)^K for the published gradient). The error of
 # u = L phi(Z) F is about 200 times that fraction (max phi = alpha K = 131 against
-# max g ~ 7, times R), measured in float64 at R = 4: tolerance 1e-7 -> forward 1.7e-6,
-# gradients 1.9e-5; 1e-8 -> 1.7e-7, 1.8e-6. float32 takes 1e-8: its own rounding in the
-# recurrence is ~6e-6 (forward) and 8e-6 (gradients), so a looser cut would add to it and a
-# tighter one buys nothing. float64 takes 1e-12, a thousand times above the ~1e-15 floor of
-# coefficients computed in float64 (forward ~1e-11, gradients ~3e-10 against dense
-# Newton-Schulz). Degrees at alpha = 0.002, p = 16, R = 4.5 (signed i.i.d. maps): phi 192,
-# psi 210 (float32); phi 245, psi 262 (float64). The degree grows in proportion to R.
-DEGREE_TOLERANCE = {torch.float32: 1e-8, torch.float64: 1e-12}
+# max g ~ 7, times R); measured at R = 4 against dense Newton-Schulz in float64: tolerance
+# 1e-7 -> forward 1.7e-6, gradients 1.9e-5; 1e-8 -> 1.7e-7, 1.8e-6. float32 inputs take
+# 1e-9 (forward 8e-8, gradients 2.5e-7: below dense Newton-Schulz's own float32 error of
+# 6e-7; with 1e-8 the gradient of lam in a small model was 7e-5 off its float64 value,
+# against 1e-5 with 1e-9 and 3e-6 for the spectral route). float64 takes 1e-12, a thousand
+# times above the ~1e-15 floor of coefficients computed in float64 (forward ~1e-11,
+# gradients ~3e-10). Degrees at alpha = 0.002, p = 16, R = 4.56 (signed i.i.d. maps):
+# phi 208, psi 226 (float32); phi 247, psi 264 (float64). The degree grows as R.
+DEGREE_TOLERANCE = {torch.float32: 1e-9, torch.float64: 1e-12}
+
+# The recurrence runs in float64 whatever the input dtype: in float32 its rounding,
+# amplified as the truncation error is (about 200 times), gave forward errors of 6.5e-6 and
+# a gradient of lam in a small model 2e-4 off (dense Newton-Schulz in float32: 6e-7,
+# 1e-5). The degree still follows the input dtype's tolerance.
+WORKING_DTYPE = torch.float64
 
 # R is rounded up to a point of the grid 2^(j/16) (at most 4.4% larger, degree alike) so
 # that the coefficients of nearby radii come from one cache entry.
@@ -119,7 +126,10 @@ def series_radius(w: torch.Tensor, d: torch.Tensor, offsets, alpha: float) -> fl
         if problem:
             raise NewtonSchulzDivergenceError(problem)
         bound[suspects] = torch.minimum(bound[suspects], sigma)
-    return float(bound.max())
+    radius = float(bound.max())
+    # A non-finite L (NaN in S) gives a NaN result on any interval; the finite-value checks
+    # report it (under torch.compile they may run after this operator).
+    return radius if math.isfinite(radius) else 1.0
 
 
 def _basis(f, scaled, degree):
@@ -237,20 +247,23 @@ class ChebyshevFilter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f, w, d, alpha, iterations, offsets, exact, info=None):
         plan = _series_plan(w, d, alpha, iterations, offsets, exact, f.dtype)
+        dtype = f.dtype
+        f, w, d = (t.to(WORKING_DTYPE) for t in (f, w, d))
         u, vy, phi_f = _series_forward(f, w, d, plan, offsets)
         if info is not None:
             radius, c_phi, coef, degree = plan
             info.update(radius=radius, degree_phi=c_phi.shape[0] - 1, basis_degree=degree,
                         degree_psi=None if exact else int(coef[:, 1].nonzero().max()))
         ctx.save_for_backward(w, d, vy, phi_f)
-        ctx.args = (plan, offsets)
-        return u
+        ctx.args = (plan, offsets, dtype)
+        return u.to(dtype)
 
     @staticmethod
     def backward(ctx, grad_u):
         w, d, vy, phi_f = ctx.saved_tensors
-        plan, offsets = ctx.args
-        return (*_series_backward(grad_u, w, d, vy, phi_f, plan, offsets), None, None, None, None, None)
+        plan, offsets, dtype = ctx.args
+        grads = _series_backward(grad_u.to(WORKING_DTYPE), w, d, vy, phi_f, plan, offsets)
+        return (*(g.to(dtype) for g in grads), None, None, None, None, None)
 
 
 # -- the same as custom operators, for torch.compile --------------------------------------
@@ -263,12 +276,14 @@ class ChebyshevFilter(torch.autograd.Function):
 def _chebyshev_filter_op(f: torch.Tensor, w: torch.Tensor, d: torch.Tensor, alpha: float, iterations: int,
                          connectivity: int, exact: bool) -> torch.Tensor:
     offsets = OFFSETS[connectivity]
-    return _series_forward(f, w, d, _series_plan(w, d, alpha, iterations, offsets, True, f.dtype), offsets)[0]
+    plan = _series_plan(w, d, alpha, iterations, offsets, True, f.dtype)
+    u = _series_forward(*(t.to(WORKING_DTYPE) for t in (f, w, d)), plan, offsets)[0]
+    return u.to(f.dtype).contiguous()
 
 
 @_chebyshev_filter_op.register_fake
 def _(f, w, d, alpha, iterations, connectivity, exact):
-    return torch.empty_like(f)
+    return f.new_empty(f.shape)
 
 
 @torch.library.custom_op("scm_ops::chebyshev_filter_backward", mutates_args=())
@@ -277,13 +292,16 @@ def _chebyshev_filter_backward_op(grad_u: torch.Tensor, f: torch.Tensor, w: torc
                                   exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     offsets = OFFSETS[connectivity]
     plan = _series_plan(w, d, alpha, iterations, offsets, exact, f.dtype)
+    dtype = f.dtype
+    grad_u, f, w, d = (t.to(WORKING_DTYPE) for t in (grad_u, f, w, d))
     _, vy, phi_f = _series_forward(f, w, d, plan, offsets)
-    return _series_backward(grad_u.contiguous(), w, d, vy, phi_f, plan, offsets)
+    grads = _series_backward(grad_u.contiguous(), w, d, vy, phi_f, plan, offsets)
+    return tuple(g.to(dtype).contiguous() for g in grads)
 
 
 @_chebyshev_filter_backward_op.register_fake
 def _(grad_u, f, w, d, alpha, iterations, connectivity, exact):
-    return torch.empty_like(f), torch.empty_like(w), torch.empty_like(d)
+    return f.new_empty(f.shape), w.new_empty(w.shape), d.new_empty(d.shape)   # contiguous, as the real ones
 
 
 def _setup_context(ctx, inputs, output):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 from .._common import kernel_config, kernel_module
-from .stencil import FlatStencil, StencilReader, grid_masks
+from .stencil import OFFSETS, FlatStencil, StencilReader, grid_masks
 
-__all__ = ["StencilSeries", "series_max_cells"]
+__all__ = ["StencilSeries", "series_max_cells", "stencil_series"]
 
 
 def _series_fwd_torch(f, w, d, alpha, steps, offsets):
@@ -22,14 +22,16 @@ def _series_fwd_torch(f, w, d, alpha, steps, offsets):
     L = FlatStencil(w, d, offsets)
     neg_alpha_l = FlatStencil(w, d, offsets, -alpha)
     alpha_f = alpha * f.reshape(-1)
-    q = f.new_empty(steps + 1, 2, B * H * W)
+    q = f.new_empty(steps, 2, B * H * W)
+    last = f.new_empty(B * H * W)                           # -x_steps
     q[0, 0].zero_()
     for j in range(steps):
         q[j, 1] = alpha_f
         neg_alpha_l.subtract_product(q[j, 0], q[j, 1])      # alpha r_j = alpha (F - L x_j)
-        q[j + 1, 0] = q[j, 0]
-        L.subtract_product(q[j, 1], q[j + 1, 0])            # -x_{j+1} = -x_j - L alpha r_j
-    return -q[steps, 0].reshape(B, H, W), q[:steps]
+        following = q[j + 1, 0] if j + 1 < steps else last
+        following.copy_(q[j, 0])
+        L.subtract_product(q[j, 1], following)              # -x_{j+1} = -x_j - L alpha r_j
+    return -last.reshape(B, H, W), q
 
 
 def _series_bwd_torch(grad_u, w, d, q, alpha, offsets, exact):
@@ -60,6 +62,13 @@ def series_max_cells(connectivity: int = 4) -> int:
     kern = kernel_module("structured.series")
     largest = max(kern.BLOCK_N_CHOICES)
     return min(largest, kern.EIGHT_NEIGHBOUR_MAX_BLOCK_N) if connectivity == 8 else largest
+
+
+def _series_backend(backend, f, offsets):
+    """The backend the series runs on: Triton only where one program holds the grid."""
+    if backend == "triton" and f.shape[1] * f.shape[2] > series_max_cells(2 * len(offsets)):
+        return "torch"
+    return backend
 
 
 def _series_launch(f, direction):
@@ -112,11 +121,9 @@ class StencilSeries(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, f, w, d, alpha, iterations, offsets, exact, backend="torch"):
-        if backend == "triton" and f.shape[1] * f.shape[2] > series_max_cells(2 * len(offsets)):
-            backend = "torch"
+        backend = _series_backend(backend, f, offsets)
         if backend == "triton":
             f, w, d = f.contiguous(), w.contiguous(), d.contiguous()
-        if backend == "triton":
             u, xs, rs = _series_fwd_triton(f, w, d, alpha, 2 ** iterations, offsets)
             ctx.save_for_backward(w, d, xs, rs)
         else:
@@ -135,3 +142,70 @@ class StencilSeries(torch.autograd.Function):
             w, d, q = ctx.saved_tensors
             grads = _series_bwd_torch(grad_u, w, d, q, alpha, offsets, exact)
         return (*grads, None, None, None, None, None)
+
+
+# -- the same as custom operators, for torch.compile --------------------------------------
+# Traced, the 2^p steps of three blocks (forward and backward) unroll into a graph of
+# thousands of small operations that Inductor compiles for many minutes; as opaque
+# operators they stay two nodes a block. What the forward keeps for backward is an output
+# of fixed shape [2^p, 2, B N]: the PyTorch path's (-x_j, alpha r_j), or the Triton
+# kernel's (x_j, r_j), stacked (one more copy of them under torch.compile).
+
+@torch.library.custom_op("scm_ops::stencil_series", mutates_args=())
+def _stencil_series_op(f: torch.Tensor, w: torch.Tensor, d: torch.Tensor, alpha: float, iterations: int,
+                       connectivity: int, exact: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = OFFSETS[connectivity]
+    steps = 2 ** iterations
+    if _series_backend(backend, f, offsets) == "triton":
+        u, xs, rs = _series_fwd_triton(f.contiguous(), w.contiguous(), d.contiguous(), alpha, steps, offsets)
+        return u, torch.stack([xs, rs], 1).reshape(steps, 2, -1)
+    u, saved = _series_fwd_torch(f, w, d, alpha, steps, offsets)
+    return u.contiguous(), saved
+
+
+@_stencil_series_op.register_fake
+def _(f, w, d, alpha, iterations, connectivity, exact, backend):
+    return f.new_empty(f.shape), f.new_empty(2 ** iterations, 2, f.numel())
+
+
+@torch.library.custom_op("scm_ops::stencil_series_backward", mutates_args=())
+def _stencil_series_backward_op(grad_u: torch.Tensor, f: torch.Tensor, w: torch.Tensor, d: torch.Tensor,
+                                saved: torch.Tensor, alpha: float, connectivity: int, exact: bool,
+                                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    offsets = OFFSETS[connectivity]
+    if _series_backend(backend, f, offsets) == "triton":
+        steps, (B, H, W) = saved.shape[0], f.shape
+        xs, rs = (saved[:, i].reshape(steps, B, H, W).contiguous() for i in range(2))
+        grads = _series_bwd_triton(grad_u.contiguous(), w.contiguous(), d.contiguous(), xs, rs, alpha, offsets, exact)
+    else:
+        grads = _series_bwd_torch(grad_u, w, d, saved, alpha, offsets, exact)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_stencil_series_backward_op.register_fake
+def _(grad_u, f, w, d, saved, alpha, connectivity, exact, backend):
+    return f.new_empty(f.shape), w.new_empty(w.shape), d.new_empty(d.shape)   # contiguous, as the real ones
+
+
+def _setup_context(ctx, inputs, output):
+    f, w, d, alpha, iterations, connectivity, exact, backend = inputs
+    ctx.save_for_backward(f, w, d, output[1])
+    ctx.args = (alpha, connectivity, exact, backend)
+
+
+def _backward(ctx, grad_u, _grad_saved):
+    f, w, d, saved = ctx.saved_tensors
+    grads = _stencil_series_backward_op(grad_u, f, w, d, saved, *ctx.args)
+    return (*grads, None, None, None, None, None)
+
+
+_stencil_series_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def stencil_series(f: torch.Tensor, w: torch.Tensor, d: torch.Tensor, alpha: float, iterations: int, offsets,
+                   exact: bool, backend: str = "torch") -> torch.Tensor:
+    """u = X_p F by the matrix-free series (see StencilSeries): the autograd Function in
+    eager mode, the custom operator under torch.compile."""
+    if torch.compiler.is_compiling():
+        return _stencil_series_op(f, w, d, float(alpha), int(iterations), 2 * len(offsets), bool(exact), backend)[0]
+    return StencilSeries.apply(f, w, d, alpha, iterations, offsets, exact, backend)
