@@ -83,8 +83,9 @@ def _run_child(implementation, tmp_path):
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"), OMP_NUM_THREADS="1",
                TORCHINDUCTOR_COMPILE_THREADS="1")
     env.pop("SCM_OPS_CHECKS", None)  # the default: checks on
+    # a hang guard, not a timing assertion: the dense model compiles in about 60 s here
     proc = subprocess.run([sys.executable, __file__, implementation], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
