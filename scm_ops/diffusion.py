@@ -23,6 +23,9 @@ LARGE_P_ROUTES = ("chebyshev", "spectral", "newton_schulz")
 
 # Off the CPU, grids up to this many cells take dense Newton-Schulz (see below).
 DENSE_MAX_CELLS_OFF_CPU = 1024
+# float64 inputs on grids up to this many cells take the spectral form by default
+# (ActivationDiffusion._large_p_route).
+FLOAT64_SPECTRAL_MAX_CELLS = 1024
 
 
 def default_large_p_route(device: torch.device, grid_size=None) -> str:
@@ -86,7 +89,8 @@ class ActivationDiffusion(nn.Module):
             (eigh and the closed-form derivative, O(N^3)), "newton_schulz" (dense
             Newton-Schulz on the L of the stencil, scm_ops' operator, Triton products on
             the Triton backend) or None: default_large_p_route(device, grid), i.e.
-            Chebyshev on the CPU, Newton-Schulz off the CPU up to 32 x 32 cells.
+            Chebyshev on the CPU, Newton-Schulz off the CPU up to 32 x 32 cells; float64
+            inputs up to 32 x 32 cells take the spectral form (exact up to rounding).
 
     Shapes:
         forward(attention, semantic): attention [B, N] or [B, H, W], semantic [B, C, H, W];
@@ -249,7 +253,7 @@ class ActivationDiffusion(nn.Module):
                 if checks_enabled():
                     self._check_convergence_stencil(w, d, offsets, block, lam[block])
                 u = stencil_series(f, w, d, self.alpha, p, offsets, self.exact_gradients, backend)
-            elif (route := self.large_p_route or default_large_p_route(s.device, (H, W))) == "chebyshev":
+            elif (route := self._large_p_route(s)) == "chebyshev":
                 if checks_enabled():
                     self._check_convergence_stencil(w, d, offsets, block, lam[block])
                 u = chebyshev_filter(f, w, d, self.alpha, p, offsets, self.exact_gradients)
@@ -263,6 +267,18 @@ class ActivationDiffusion(nn.Module):
             f = f + tau
             scale = scale * (1 + tau)
         return f, ScalePatches.apply(s, scale, slot, None if slot is None else e.grad_fn)
+
+    def _large_p_route(self, s):
+        """large_p_route, or the default: default_large_p_route(device, grid), except that
+        float64 inputs on grids up to FLOAT64_SPECTRAL_MAX_CELLS take the spectral form,
+        exact up to rounding (~1e-15), where the series stops at its float64 truncation
+        tolerance (~1e-11 relative at the block)."""
+        if self.large_p_route is not None:
+            return self.large_p_route
+        H, W = s.shape[-2:]
+        if s.dtype == torch.float64 and H * W <= FLOAT64_SPECTRAL_MAX_CELLS:
+            return "spectral"
+        return default_large_p_route(s.device, (H, W))
 
     def _forward_dense(self, f, s, lam, beta, backend):
         """The published formulation, block by block, on scm_ops' three operators."""
