@@ -232,8 +232,9 @@ class ChebyshevFilter(torch.autograd.Function):
 
     Inputs F [B, H, W], w [B, K, H, W], d [B, H, W] (float32 or float64); returns u [B, H, W].
     The degree n follows from R (rounded up, see rounded_radius) and DEGREE_TOLERANCE of the
-    dtype; `info` (a dict, optional) receives the radius and degrees. Saves for backward the
-    basis v_k = T_k(Y) F and y_k = Lh v_k (Lh = (2/R) L): 2 (n + 1) B N elements, besides
+    dtype; `info` (a dict, optional) receives the radius and degrees. The recurrence runs in
+    float64 (WORKING_DTYPE) for every input dtype. Saves for backward the basis
+    v_k = T_k(Y) F and y_k = Lh v_k (Lh = (2/R) L): 2 (n + 1) B N float64 elements, besides
     w, d and phi(Z) F; the backward adds O(B N) (its adjoints are read as they are made).
     Backward, with cotangent g of u:
         dF = X_p g  (stream 0 of the reverse recurrence, started from L g),

@@ -23,6 +23,11 @@ class GradSlot:
     terms into that one buffer, once the small per-block graph in between (whose spectral
     block needs [B, N, N] temporaries) has been differentiated and freed. What is left here
     is tagged with the graph task that left it and is taken by that task only.
+
+    Uses torch._C._current_graph_task_id and torch._C._will_engine_execute_node (no public
+    API does this; tests/test_compile.py fails if a torch lacks them). Not used under
+    torch.compile, which cannot trace it (ActivationDiffusion passes no slot there): the
+    backward then holds two gradients of S, one [B, C, H, W] tensor more.
     """
 
     def __init__(self):
