@@ -32,3 +32,7 @@ __all__ = [
 from .diffusion import ActivationDiffusion, attention_map_from_blocks, localization_map, minmax_normalize
 
 __all__ += ["ActivationDiffusion", "attention_map_from_blocks", "localization_map", "minmax_normalize"]
+
+from .attention import ClassAttentionRecorder
+
+__all__ += ["ClassAttentionRecorder"]
