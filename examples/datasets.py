@@ -67,10 +67,6 @@ class FileDataset(torch.utils.data.Dataset):
         image = torch.from_numpy(img.transpose(2, 0, 1).astype(np.float32) / 255)
         return image, int(self.labels[i]), rescale_boxes(self.raw_boxes[i], (w, h), self.size)
 
-    @property
-    def boxes(self):
-        raise AttributeError("FileDataset boxes depend on each image's size: read them from the items")
-
 
 def collate(items):
     """-> images [B, 3, S, S], labels [B] int64, list of B box arrays."""

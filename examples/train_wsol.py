@@ -167,22 +167,13 @@ def evaluate(model, dataset, desc, keep=6, workers=0, batch=128, f0_only=False, 
     return ev.compute(), {k: v[:keep] for k, v in kept.items()}
 
 
-def fixed_box_floor(box, dataset, logits_model=None):
-    """Metrics of one fixed box for every image (classes from logits_model, if given)."""
-    size = dataset_size(dataset)
+def fixed_box_floor(box, dataset):
+    """Metrics of one fixed box (x0, y0, x1, y1) for every image (no classification)."""
+    size = dataset[0][0].shape[-1]
     ev = BoxEvaluator((size, size))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=128, collate_fn=datasets.collate)
-    with torch.no_grad():
-        for x, y, boxes in loader:
-            logits = None
-            if logits_model is not None:
-                logits = logits_model(x.to(next(logits_model.parameters()).device))[0].cpu().numpy()
-            ev.accumulate_boxes([box] * len(y), boxes, y.numpy(), logits)
+    for _, y, boxes in torch.utils.data.DataLoader(dataset, batch_size=128, collate_fn=datasets.collate):
+        ev.accumulate_boxes([box] * len(y), boxes, y.numpy())
     return ev.compute()
-
-
-def dataset_size(dataset):
-    return dataset[0][0].shape[-1]
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -400,14 +391,12 @@ def main(argv=None):
                 results[name], kept[name] = evaluate(model, data["test"], f"eval {name}")
 
     if is_main():
-        ref = None
         q = size // 4
-        results["whole_image_box"] = fixed_box_floor((0, 0, size - 1, size - 1), data["test"], ref)
-        results["centred_box"] = fixed_box_floor((q, q, size - 1 - q, size - 1 - q), data["test"], ref)
+        results["whole_image_box"] = fixed_box_floor((0, 0, size - 1, size - 1), data["test"])
+        results["centred_box"] = fixed_box_floor((q, q, size - 1 - q, size - 1 - q), data["test"])
         keys = ("top1_cls", "top1_loc", "gt_known_loc", "maxboxacc_v2")
         table = {k: {m: round(v[m], 2) for m in keys if m in v} for k, v in results.items()}
-        rows = [r for r in ("baseline", "scm", "pretrained_f0", "whole_image_box", "centred_box",
-                            "untrained")
+        rows = [r for r in ("baseline", "scm", "pretrained_f0", "whole_image_box", "centred_box", "untrained")
                 if r in table]
         summary = dict(mode=args.mode, dataset=args.dataset, backbone=args.backbone, seed=args.seed,
                        world_size=world, epochs=cfg["epochs"], lr=cfg["lr"], train_images=len(data["train"]),

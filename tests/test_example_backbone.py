@@ -54,6 +54,7 @@ def test_timm_path_builds_f0_and_s0_without_editing_the_model(fake_timm):
     assert fake_timm == [dict(name="deit_small_distilled_patch16_224", pretrained=True, num_classes=0, img_size=32)]
     assert bb.grid == (4, 4) and bb.embed_dim == 16
     model = WSOLModel(bb, num_classes=5, use_scm=True).train()
+    nn.init.normal_(model.head.weight, std=0.1)   # a trained head (S0 starts uniform otherwise)
     logits, f0, s0 = model(torch.rand(3, 3, 32, 32))
     assert logits.shape == (3, 5) and f0.shape == (3, 4, 4) and s0.shape == (3, 5, 4, 4)
     assert torch.allclose(f0.amax((1, 2)), torch.ones(3)) and torch.allclose(f0.amin((1, 2)), torch.zeros(3))
