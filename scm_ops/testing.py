@@ -47,3 +47,65 @@ def dtype_params():
     return [torch.float64, torch.float32, torch.float16,
             pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
                 not on_cuda, reason="bfloat16 needs CUDA (not in the Triton interpreter)"))]
+
+
+# ---------------------------------------------------------------- stencil test inputs
+# Dense references and random stencils for the tests of the structured path, written cell by
+# cell here, independently of scm_ops.structured (whose grid_masks / stencil_to_dense they
+# check), and shared by tests/test_stencil.py and tests/test_chebyshev.py.
+STENCIL_GRID = (4, 5)
+# Forward neighbour offsets (row, column), written out here rather than taken from the package.
+STENCIL_OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
+
+
+def on_grid(r, c, grid):
+    return 0 <= r < grid[0] and 0 <= c < grid[1]
+
+
+def dense_laplacian(w, d, offsets):
+    """The dense [B, N, N] symmetric L of a stencil, entry by entry (independent of the
+    package's stencil_to_dense): L[n, n] = d[n], L[n, n + o_k] = L[n + o_k, n] = w_k[n]."""
+    B, _, H, W = w.shape
+    rows, cols, vals = [], [], []
+    for r in range(H):
+        for c in range(W):
+            n = r * W + c
+            rows.append(n)
+            cols.append(n)
+            vals.append(d[:, r, c])
+            for k, (dr, dc) in enumerate(offsets):
+                if on_grid(r + dr, c + dc, (H, W)):
+                    m = (r + dr) * W + c + dc
+                    rows += [n, m]
+                    cols += [m, n]
+                    vals += [w[:, k, r, c], w[:, k, r, c]]
+    dense = w.new_zeros(B, H * W, H * W)
+    return dense.index_put((torch.arange(B)[:, None], torch.tensor(rows)[None], torch.tensor(cols)[None]),
+                           torch.stack(vals, 1))
+
+
+def neighbour_entries(dense, height, width, offsets):
+    """dense[b, n, n + o_k] as [B, K, H, W], 0 where n + o_k leaves the grid."""
+    B = dense.shape[0]
+    out = dense.new_zeros(B, len(offsets), height, width)
+    for k, (dr, dc) in enumerate(offsets):
+        for r in range(height):
+            for c in range(width):
+                if 0 <= r + dr < height and 0 <= c + dc < width:
+                    out[:, k, r, c] = dense[:, r * width + c, (r + dr) * width + c + dc]
+    return out
+
+
+def random_stencil(batch, connectivity, dtype, device, seed=0, grid=STENCIL_GRID):
+    """w [B, K, H, W] (0 where the neighbour is off the grid), d [B, H, W] of a symmetric L
+    shaped like a block's at lam near 1: off-diagonal entries in (-0.2, 1], small diagonal."""
+    g = torch.Generator().manual_seed(seed)
+    offsets = STENCIL_OFFSETS[connectivity]
+    w = 1 - 1.2 * torch.rand(batch, len(offsets), *grid, generator=g, dtype=dtype)
+    for k, (dr, dc) in enumerate(offsets):
+        for r in range(grid[0]):
+            for c in range(grid[1]):
+                if not on_grid(r + dr, c + dc, grid):
+                    w[:, k, r, c] = 0
+    d = 0.5 * torch.rand(batch, *grid, generator=g, dtype=dtype)
+    return w.to(device), d.to(device)

@@ -6,64 +6,11 @@ import torch
 
 from scm_ops.reference import cosine_similarity_ref, newton_schulz_inverse_ref
 from scm_ops.structured import NeighbourCosine, StencilSeries
-from scm_ops.testing import assert_rel_rmse
+from scm_ops.testing import (STENCIL_GRID, STENCIL_OFFSETS, assert_rel_rmse, dense_laplacian, neighbour_entries,
+                             random_stencil)
 
-GRID = (4, 5)
-# Forward neighbour offsets (row, column), written out here rather than taken from the package.
-OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
-
-
-def on_grid(r, c, grid):
-    return 0 <= r < grid[0] and 0 <= c < grid[1]
-
-
-def dense_laplacian(w, d, offsets):
-    """The dense [B, N, N] symmetric L of a stencil, entry by entry (independent of the
-    package's stencil_to_dense): L[n, n] = d[n], L[n, n + o_k] = L[n + o_k, n] = w_k[n]."""
-    B, _, H, W = w.shape
-    rows, cols, vals = [], [], []
-    for r in range(H):
-        for c in range(W):
-            n = r * W + c
-            rows.append(n)
-            cols.append(n)
-            vals.append(d[:, r, c])
-            for k, (dr, dc) in enumerate(offsets):
-                if on_grid(r + dr, c + dc, (H, W)):
-                    m = (r + dr) * W + c + dc
-                    rows += [n, m]
-                    cols += [m, n]
-                    vals += [w[:, k, r, c], w[:, k, r, c]]
-    dense = w.new_zeros(B, H * W, H * W)
-    return dense.index_put((torch.arange(B)[:, None], torch.tensor(rows)[None], torch.tensor(cols)[None]),
-                           torch.stack(vals, 1))
-
-
-def neighbour_entries(dense, height, width, offsets):
-    """dense[b, n, n + o_k] as [B, K, H, W], 0 where n + o_k leaves the grid."""
-    B = dense.shape[0]
-    out = dense.new_zeros(B, len(offsets), height, width)
-    for k, (dr, dc) in enumerate(offsets):
-        for r in range(height):
-            for c in range(width):
-                if 0 <= r + dr < height and 0 <= c + dc < width:
-                    out[:, k, r, c] = dense[:, r * width + c, (r + dr) * width + c + dc]
-    return out
-
-
-def random_stencil(batch, connectivity, dtype, device, seed=0, grid=GRID):
-    """w [B, K, H, W] (0 where the neighbour is off the grid), d [B, H, W] of a symmetric L
-    shaped like a block's at lam near 1: off-diagonal entries in (-0.2, 1], small diagonal."""
-    g = torch.Generator().manual_seed(seed)
-    offsets = OFFSETS[connectivity]
-    w = 1 - 1.2 * torch.rand(batch, len(offsets), *grid, generator=g, dtype=dtype)
-    for k, (dr, dc) in enumerate(offsets):
-        for r in range(grid[0]):
-            for c in range(grid[1]):
-                if not on_grid(r + dr, c + dc, grid):
-                    w[:, k, r, c] = 0
-    d = 0.5 * torch.rand(batch, *grid, generator=g, dtype=dtype)
-    return w.to(device), d.to(device)
+GRID = STENCIL_GRID
+OFFSETS = STENCIL_OFFSETS
 
 
 # Against the float64 dense cosine matrix, both backends: measured float64 4.4e-16
