@@ -118,7 +118,11 @@ def test_every_kernel_configuration_compiles_for_sm80_and_sm90(tmp_path):
                                            "laplacian_bwd_kernel", "bmm_axpby_kernel",
                                            "neighbour_cosine_fwd_kernel", "neighbour_cosine_bwd_kernel",
                                            "stencil_series_fwd_kernel", "stencil_series_bwd_kernel"}
-    # every block size the series launcher can choose is compiled
-    assert {r["config"]["BLOCK_N"] for r in rows if r["kernel"] == "stencil_series_fwd_kernel"} == {256, 512, 1024}
+    # every block size the series launcher can choose is compiled, forward and backward
+    from scm_ops.kernels.structured.series import BLOCK_N_CHOICES
+    for direction in ("fwd", "bwd"):
+        sizes = {r["config"]["BLOCK_N"] for r in rows
+                 if r["kernel"] in (f"stencil_series_{direction}_kernel", f"stencil_series_{direction}_wide_kernel")}
+        assert sizes == set(BLOCK_N_CHOICES), (direction, sizes)
     over = [(r["kernel"], r["dtype"], r["sm"], r["config"], r["problems"]) for r in rows if r["problems"]]
     assert not over, over
