@@ -166,3 +166,26 @@ def test_triton_grid_above_1024_cells_matches_torch(device):
     # Triton in the interpreter took 1.3 s
     for name, a, b in zip(NAMES, *results):
         assert relative_rmse(a, b) <= 6e-14, name
+
+
+# Measured (2026-11-29, both backends, grids 1 x 5, 5 x 1 and 1 x 2; worst case per quantity): Chebyshev
+# forward 3.7e-11, d/dF 1.1e-10, d/dS 4.2e-9, d/dlam 5.9e-8, d/dbeta 5.8e-9 (its float64
+# truncation); spectral 1.2e-13, 3.3e-13, 3.5e-13, 1.8e-8, 5.8e-9; Newton-Schulz 1.4e-15,
+# 6.4e-15, 9.5e-15, 1.8e-8, 5.8e-9. d/dlam and d/dbeta are small sums with cancellation on
+# these 2-5 cell grids, so every route shows the same ~1e-8 there. Bounds about 10x.
+ONE_ROW_TOLERANCE = {
+    "chebyshev": dict(zip(NAMES, (4e-10, 4e-10, 1.1e-9, 4.2e-8, 6e-7, 6e-8))),
+    "spectral": dict(zip(NAMES, (1.2e-12, 1.2e-12, 3.3e-12, 3.5e-12, 2e-7, 6e-8))),
+    "newton_schulz": dict(zip(NAMES, (1.4e-14, 1.4e-14, 6.4e-14, 1e-13, 2e-7, 6e-8))),
+}
+
+
+@pytest.mark.parametrize("route", ["chebyshev", "spectral", "newton_schulz"])
+@pytest.mark.parametrize("grid", [(1, 5), (5, 1)])
+def test_one_row_or_column_grids_with_eight_neighbours(device, backend, grid, route):
+    """On a one-row grid the flat shift of a diagonal offset (W + 1) reaches past the last
+    cell; with B = 1 that once crashed the flat-cell PyTorch path (found by
+    scripts/gpu_check.py). float64, one image, every large-p route."""
+    module = scm_ops.ActivationDiffusion(grid, connectivity=8, large_p_route=route, backend=backend).to(device)
+    f, s = make_inputs(1, 3, grid, torch.float64, device)
+    assert_within(errors(module, f, s), ONE_ROW_TOLERANCE[route])

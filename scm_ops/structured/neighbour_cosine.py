@@ -38,6 +38,8 @@ def _neighbour_cosine_fwd_torch(s, offsets):
     e = s.new_zeros(B, len(offsets), N)
     for k, (dr, dc) in enumerate(offsets):
         m = dr * W + dc
+        if m >= N:  # a one-row grid: every pair of this offset leaves the grid
+            continue
         e[:, k, :N - m] = channel_dot(flat[..., :N - m], flat[..., m:]) * rnorm[:, :N - m] * rnorm[:, m:]
     return e.reshape(B, -1, H, W) * valid, sq.reshape(B, H, W)
 
@@ -63,6 +65,8 @@ def _neighbour_cosine_bwd_torch(grad_s, s, coef, radial, offsets):
     coef = coef.reshape(B, -1, N)
     for k, (dr, dc) in enumerate(offsets):
         m = dr * W + dc
+        if m >= N:  # a one-row grid: every pair of this offset leaves the grid
+            continue
         ck = coef[:, k, None, :N - m]
         out[..., :N - m].addcmul_(ck, flat[..., m:])
         out[..., m:].addcmul_(ck, flat[..., :N - m])

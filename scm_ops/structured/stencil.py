@@ -144,6 +144,8 @@ def product_stencil_entries(p: torch.Tensor, q: torch.Tensor, height: int, width
     pairs = p.new_zeros(B, len(offsets), N)
     for k, (dr, dc) in enumerate(offsets):
         m = dr * width + dc
+        if m >= N:  # a one-row grid: every pair of this offset leaves the grid
+            continue
         dots = _row_dots(p[:, :N - m], q[:, m:]) + _row_dots(p[:, m:], q[:, :N - m])
         pairs[:, k, :N - m] = dots * valid[k].reshape(-1)[:N - m]
     return pairs.reshape(B, len(offsets), height, width), _row_dots(p, q).reshape(B, height, width)
@@ -169,8 +171,9 @@ class FlatStencil:
         valid, _ = grid_masks(H, W, 2 * K, w.dtype, w.device)
         self.d = (d * scale).reshape(-1)
         planes = (w * valid * scale).transpose(0, 1).reshape(K, -1)
+        # an offset whose flat shift reaches past the last cell pairs nothing (one-row grids)
         self.terms = [(dr * W + dc, planes[k, :planes.shape[1] - (dr * W + dc)])
-                      for k, (dr, dc) in enumerate(offsets)]
+                      for k, (dr, dc) in enumerate(offsets) if dr * W + dc < planes.shape[1]]
 
     def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out = L x for flat x [..., B N] (out must not overlap x)."""
@@ -205,6 +208,8 @@ class StencilReader:
         self.diag.addcmul_(p, q, value=weight)
         for k, m in enumerate(self.shifts):
             end = p.shape[-1] - m
+            if end <= 0:  # the shift reaches past the last cell: no pair (one-row grids)
+                continue
             self.pairs[k, ..., :end].addcmul_(p[..., :end], q[..., m:], value=weight)
             self.pairs[k, ..., :end].addcmul_(p[..., m:], q[..., :end], value=weight)
 
