@@ -169,16 +169,9 @@ def _assert_stencil_converges_op(token: torch.Tensor, w: torch.Tensor, d: torch.
     docs/maths.md, "The stencil") makes Newton-Schulz diverge: the Gershgorin bound (max
     absolute row sum) screens the batch; items it cannot clear get their exact sigma_max
     from the eigenvalues of the dense L, in float64."""
-    from .structured.stencil import OFFSETS, Stencil, stencil_to_dense
-    offsets = OFFSETS[connectivity]
+    from .structured.stencil import OFFSETS, sigma_max_bound
     with without_autocast(w.device):
-        bound = Stencil(w, d, offsets).abs_row_sums().amax((1, 2))
-        suspects = (alpha * bound * bound >= 2).nonzero().flatten()
-        if suspects.numel() == 0:
-            return
-        sigma = torch.zeros_like(bound, dtype=torch.float64)
-        sigma[suspects] = torch.linalg.eigvalsh(stencil_to_dense(w[suspects], d[suspects], offsets).double()
-                                                ).abs().amax(1)
+        sigma = sigma_max_bound(w, d, OFFSETS[connectivity], alpha)
     _raise_if_divergent_block(sigma, alpha, block, lam)
 
 

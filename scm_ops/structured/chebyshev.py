@@ -17,7 +17,7 @@ import math
 import torch
 
 from ..newton_schulz import NewtonSchulzDivergenceError, divergence
-from .stencil import OFFSETS, FlatStencil, Stencil, StencilReader, grid_masks, stencil_to_dense
+from .stencil import OFFSETS, FlatStencil, StencilReader, grid_masks, sigma_max_bound
 
 __all__ = ["ChebyshevFilter", "chebyshev_filter", "chebyshev_coefficients", "series_radius", "DEGREE_TOLERANCE"]
 
@@ -117,15 +117,10 @@ def series_radius(w: torch.Tensor, d: torch.Tensor, offsets, alpha: float) -> fl
     for images where that bound is too loose to show convergence (alpha R^2 >= 2),
     sigma_max(L) from a float64 eigvalsh. Raises NewtonSchulzDivergenceError if an image's
     iteration diverges (alpha sigma_max^2 >= 2): its series would not converge."""
-    bound = Stencil(w.detach(), d.detach(), offsets).abs_row_sums().amax((1, 2)).to(torch.float64)
-    suspects = (alpha * bound * bound >= 2).nonzero().flatten()
-    if suspects.numel():
-        dense = stencil_to_dense(w[suspects].detach(), d[suspects].detach(), offsets).double()
-        sigma = torch.linalg.eigvalsh(dense).abs().amax(1)
-        problem = divergence(sigma, alpha)
-        if problem:
-            raise NewtonSchulzDivergenceError(problem)
-        bound[suspects] = torch.minimum(bound[suspects], sigma)
+    bound = sigma_max_bound(w, d, offsets, alpha)
+    problem = divergence(bound, alpha)
+    if problem:
+        raise NewtonSchulzDivergenceError(problem)
     radius = float(bound.max())
     # A non-finite L (NaN in S) gives a NaN result on any interval; the finite-value checks
     # report it (under torch.compile they may run after this operator).

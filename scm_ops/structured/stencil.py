@@ -17,7 +17,7 @@ import functools
 import torch
 
 __all__ = ["OFFSETS", "FlatStencil", "Stencil", "StencilReader", "grid_masks", "shift", "stencil_pair_sum", "stencil_to_dense",
-           "product_stencil_entries"]
+           "product_stencil_entries", "sigma_max_bound"]
 
 OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
 
@@ -131,6 +131,20 @@ def stencil_to_dense(w: torch.Tensor, d: torch.Tensor, offsets) -> torch.Tensor:
         dense[:, rows, cols] = vals
         dense[:, cols, rows] = vals
     return dense
+
+
+def sigma_max_bound(w: torch.Tensor, d: torch.Tensor, offsets, alpha: float) -> torch.Tensor:
+    """Per item [B], float64: a bound on sigma_max(L) of the symmetric stencil L (w, d) that is
+    exact where it matters for convergence. The Gershgorin bound max_n sum_m |L[n, m]|
+    screens the batch; items it cannot clear (alpha bound^2 >= 2) get their exact sigma_max
+    from the eigenvalues of the dense L in float64. Shared by the divergence check and the
+    Chebyshev series' radius."""
+    bound = Stencil(w.detach(), d.detach(), offsets).abs_row_sums().amax((1, 2)).to(torch.float64)
+    suspects = (alpha * bound * bound >= 2).nonzero().flatten()
+    if suspects.numel():
+        dense = stencil_to_dense(w[suspects].detach(), d[suspects].detach(), offsets).double()
+        bound[suspects] = torch.minimum(bound[suspects], torch.linalg.eigvalsh(dense).abs().amax(1))
+    return bound
 
 
 def product_stencil_entries(p: torch.Tensor, q: torch.Tensor, height: int, width: int, offsets):
