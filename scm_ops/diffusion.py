@@ -256,7 +256,7 @@ class ActivationDiffusion(nn.Module):
             elif (route := self._large_p_route(s)) == "chebyshev":
                 if checks_enabled():
                     self._check_convergence_stencil(w, d, offsets, block, lam[block])
-                u = chebyshev_filter(f, w, d, self.alpha, p, offsets, self.exact_gradients)
+                u = chebyshev_filter(f, w, d, self.alpha, p, offsets, self.exact_gradients, backend)
             elif route == "spectral":
                 u, eigenvalues = SpectralFilter.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
                 if checks_enabled():

@@ -3,7 +3,7 @@ and the vectors in registers for all steps; forward and backward (both gradient 
 import triton
 import triton.language as tl
 
-from .stencil import _pair_sum, _stencil_matvec
+from .stencil import _add_pair_sums, _stencil_matvec
 
 # One program holds a whole grid: the launcher takes the smallest BLOCK_N here that holds
 # the grid's cells (up to 16 x 16, 22 x 22, 32 x 32); larger grids run in PyTorch, and so
@@ -77,29 +77,6 @@ def stencil_series_fwd_kernel(
         tl.store(rs_ptr + (j * B + b) * N + offs, res, mask=inside)
         x += alpha * _stencil_matvec(scratch_ptr, w_ptr, d, res, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
     tl.store(u_ptr + b * N + offs, x, mask=inside)
-
-
-@triton.jit
-def _add_pair_sum(plane_ptr, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs,
-                  dr: tl.constexpr, dc: tl.constexpr):
-    """plane[n] += scale (p[n] q[n + o] + p[n + o] q[n]) in global memory (each thread reads
-    and writes only its own cells)."""
-    total = tl.load(plane_ptr + offs, mask=inside, other=0.0)
-    total += scale * _pair_sum(scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, dr, dc)
-    tl.store(plane_ptr + offs, total, mask=inside)
-
-
-@triton.jit
-def _add_pair_sums(grad_w_ptr, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs,
-                   EIGHT_NEIGHBOURS: tl.constexpr):
-    """_add_pair_sum for every plane k of grad_w: the planes accumulate in memory, because
-    keeping 2 or 4 of them in registers across the loop made the 8-neighbour kernels spill."""
-    N = H * W
-    _add_pair_sum(grad_w_ptr, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, 0, 1)
-    _add_pair_sum(grad_w_ptr + N, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, 1, 0)
-    if EIGHT_NEIGHBOURS:
-        _add_pair_sum(grad_w_ptr + 2 * N, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, 1, 1)
-        _add_pair_sum(grad_w_ptr + 3 * N, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, 1, -1)
 
 
 @triton.jit

@@ -60,3 +60,26 @@ def _pair_sum(scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, dr: tl.constexpr,
     """p[n] q[n + o] + p[n + o] q[n], p the published vector (also given in registers)."""
     q_here = tl.load(q_ptr + offs, mask=inside, other=0.0)
     return p * _shifted(q_ptr, r, c, H, W, dr, dc) + _shifted(scratch_ptr, r, c, H, W, dr, dc) * q_here
+
+
+@triton.jit
+def _add_pair_sum(plane_ptr, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs,
+                  dr: tl.constexpr, dc: tl.constexpr):
+    """plane[n] += scale (p[n] q[n + o] + p[n + o] q[n]) in global memory (each thread reads
+    and writes only its own cells)."""
+    total = tl.load(plane_ptr + offs, mask=inside, other=0.0)
+    total += scale * _pair_sum(scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, dr, dc)
+    tl.store(plane_ptr + offs, total, mask=inside)
+
+
+@triton.jit
+def _add_pair_sums(grad_w_ptr, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs,
+                   EIGHT_NEIGHBOURS: tl.constexpr):
+    """_add_pair_sum for every plane k of grad_w: the planes accumulate in memory, because
+    keeping 2 or 4 of them in registers across the loop made the 8-neighbour kernels spill."""
+    N = H * W
+    _add_pair_sum(grad_w_ptr, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, 0, 1)
+    _add_pair_sum(grad_w_ptr + N, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, 1, 0)
+    if EIGHT_NEIGHBOURS:
+        _add_pair_sum(grad_w_ptr + 2 * N, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, 1, 1)
+        _add_pair_sum(grad_w_ptr + 3 * N, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, 1, -1)

@@ -15,12 +15,12 @@ except where a route chooses one. The pieces (maths in docs/structured.md):
 Each autograd Function has its own backward (both Newton-Schulz gradient semantics); the
 Triton kernels live in kernels/structured/ (installed as scm_ops.kernels.structured).
 """
-from .chebyshev import ChebyshevFilter, chebyshev_filter
+from .chebyshev import ChebyshevFilter, chebyshev_filter, chebyshev_max_cells
 from .grad_slot import GradSlot, ScalePatches
 from .neighbour_cosine import NeighbourCosine
 from .series import StencilSeries, series_max_cells, stencil_series
 from .spectral import SpectralFilter
 from .stencil import OFFSETS, Stencil, grid_masks, stencil_to_dense
 
-__all__ = ["ChebyshevFilter", "chebyshev_filter", "GradSlot", "ScalePatches", "NeighbourCosine", "StencilSeries", "series_max_cells", "stencil_series", "SpectralFilter",
+__all__ = ["ChebyshevFilter", "chebyshev_filter", "chebyshev_max_cells", "GradSlot", "ScalePatches", "NeighbourCosine", "StencilSeries", "series_max_cells", "stencil_series", "SpectralFilter",
            "OFFSETS", "Stencil", "grid_masks", "stencil_to_dense"]

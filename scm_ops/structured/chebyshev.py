@@ -7,19 +7,23 @@ sigma_max where Gershgorin is too loose to show convergence), phi is replaced by
 Chebyshev series; u = X_p F = L phi(Z) F then costs one product with Z (two stencil
 products) per degree and O(N) memory per basis vector, never an N x N matrix. The backward
 runs the same recurrence in reverse (Clenshaw) on one or two adjoint streams and reads the
-gradient of L at the stencil entries as sums of outer products. PyTorch on both backends.
+gradient of L at the stencil entries as sums of outer products. On the Triton backend one
+program per image runs each whole pass (kernels/structured/chebyshev.py); PyTorch otherwise.
 """
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
+from .._common import kernel_config, kernel_module
 from ..newton_schulz import NewtonSchulzDivergenceError, divergence
 from .stencil import OFFSETS, FlatStencil, StencilReader, grid_masks, sigma_max_bound
 
-__all__ = ["ChebyshevFilter", "chebyshev_filter", "chebyshev_coefficients", "series_radius", "DEGREE_TOLERANCE"]
+__all__ = ["ChebyshevFilter", "chebyshev_filter", "chebyshev_coefficients", "chebyshev_max_cells", "series_radius",
+           "DEGREE_TOLERANCE"]
 
 # Truncation tolerance of the series, by input dtype: the series stops where the sum of
 # the absolute values of the dropped coefficients is below this fraction of max |f| on the
@@ -180,39 +184,106 @@ def _adjoint_sweep(h, coef, scaled, vy, radius, offsets, width):
     raise AssertionError("unreachable: degree >= 2")
 
 
-def _series_plan(w, d, alpha, iterations, offsets, exact, dtype):
-    """(R, c_phi, coefficient matrix [n + 1, S] of the backward streams, n): the radius,
-    the forward coefficients and the basis degree n (phi's, or the larger of phi's and psi's
-    when the published gradient needs psi too)."""
-    radius = rounded_radius(series_radius(w, d, offsets, alpha))
-    c_phi, c_psi = chebyshev_coefficients(radius, alpha, iterations, DEGREE_TOLERANCE[dtype])
+class SeriesPlan(NamedTuple):
+    """What the series of one batch runs with: float64 tensors on the inputs' device."""
+    radius: float               # R, rounded up (rounded_radius)
+    c_phi: torch.Tensor         # [n_phi + 1], the forward coefficients
+    c_phi_padded: torch.Tensor  # [n + 1], zero-padded to the basis degree
+    coef: torch.Tensor          # [n + 1, S], the backward streams' coefficients (phi[, psi])
+    degree: int                 # n, the basis degree
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_cached(radius, alpha, iterations, tolerance, exact, device):
+    c_phi, c_psi = chebyshev_coefficients(radius, alpha, iterations, tolerance)
     streams = (c_phi,) if exact else (c_phi, c_psi)
     degree = max(c.shape[0] for c in streams) - 1
     coef = torch.zeros(degree + 1, len(streams), dtype=torch.float64)
     for s, c in enumerate(streams):
         coef[:c.shape[0], s] = c
-    return radius, c_phi, coef, degree
+    return SeriesPlan(radius, c_phi.to(device), coef[:, 0].contiguous().to(device), coef.to(device), degree)
 
 
-def _series_forward(f, w, d, plan, offsets):
-    """(u [B, H, W], basis vy [n + 1, 2, B N], phi(Z) F [B N]) for a plan of _series_plan."""
-    radius, c_phi, _, degree = plan
-    vy = _basis(f.reshape(-1), FlatStencil(w, d, offsets, 2.0 / radius), degree)
-    phi_f = torch.tensordot(c_phi.to(f.device, f.dtype), vy[:c_phi.shape[0], 0], 1)
-    u = FlatStencil(w, d, offsets).matmul_into(phi_f, torch.empty_like(phi_f))
-    return u.reshape(f.shape), vy, phi_f
+def _series_plan(w, d, alpha, iterations, offsets, exact, dtype):
+    """The SeriesPlan of a batch: its radius (one host sync), the forward coefficients and
+    the basis degree n (phi's, or the larger of phi's and psi's when the published gradient
+    needs psi too); cached per (R, alpha, p, tolerance, semantics, device)."""
+    radius = rounded_radius(series_radius(w, d, offsets, alpha))
+    return _plan_cached(radius, float(alpha), int(iterations), DEGREE_TOLERANCE[dtype], bool(exact), w.device)
 
 
-def _series_backward(grad_u, w, d, vy, phi_f, plan, offsets):
-    """(dF, dw, dd) from the basis that _series_forward kept."""
-    radius, _, coef, _ = plan
+def chebyshev_max_cells(connectivity: int = 4) -> int:
+    """The largest grid (cells) one Triton program holds for the series with 4 or 8
+    neighbours; larger grids take the PyTorch series on the Triton backend."""
+    kern = kernel_module("structured.chebyshev")
+    largest = max(kern.BLOCK_N_CHOICES)
+    return min(largest, kern.EIGHT_NEIGHBOUR_MAX_BLOCK_N) if connectivity == 8 else largest
+
+
+def _chebyshev_backend(backend, f, offsets):
+    """The backend the series runs on: Triton only where one program holds the grid."""
+    if backend == "triton" and f.shape[1] * f.shape[2] > chebyshev_max_cells(2 * len(offsets)):
+        return "torch"
+    return backend
+
+
+def _launch(kernel_name, f):
+    """(kernel, BLOCK_N, launch options, scratch [B, BLOCK_N]) for one image a program."""
+    kern = kernel_module("structured.chebyshev")
+    block = min(b for b in kern.BLOCK_N_CHOICES if b >= f.shape[1] * f.shape[2])
+    _, launch = kernel_config(kern, torch.float64, kernel_name)
+    return getattr(kern, kernel_name), block, launch, f.new_empty(f.shape[0], block)
+
+
+def _forward_triton(f, w, d, plan, offsets, keep_basis):
+    """chebyshev_fwd_kernel on float64 contiguous f [B, H, W], w [B, K, H, W], d [B, H, W]."""
+    kernel, block, launch, scratch = _launch("chebyshev_fwd_kernel", f)
+    B, H, W = f.shape
+    degree = plan.degree if keep_basis else plan.c_phi.shape[0] - 1
+    coef = plan.c_phi_padded if keep_basis else plan.c_phi
+    u, phi_f = torch.empty_like(f), torch.empty_like(f)
+    vy = f.new_empty(degree + 1, 2, B * H * W) if keep_basis else scratch
+    if B:
+        kernel[(B,)](f, w, d, coef, f.new_full((1,), 2.0 / plan.radius), u, phi_f, vy, scratch, B, H, W, degree,
+                     EIGHT_NEIGHBOURS=len(offsets) == 4, STORE_BASIS=keep_basis, BLOCK_N=block, **launch)
+    return u, (vy if keep_basis else None), phi_f.reshape(-1)
+
+
+def _backward_triton(grad_u, w, d, vy, phi_f, plan, offsets):
+    kernel, block, launch, scratch = _launch("chebyshev_bwd_kernel", grad_u)
     B, H, W = grad_u.shape
-    g = grad_u.reshape(-1).to(vy.dtype)
+    grad_f, grad_d, grad_w = torch.empty_like(grad_u), torch.empty_like(grad_u), torch.empty_like(w)
+    if B:
+        kernel[(B,)](grad_u, w, d, vy, phi_f, plan.coef, grad_u.new_full((1,), 2.0 / plan.radius),
+                     grad_f, grad_w, grad_d, scratch, B, H, W, plan.degree,
+                     PUBLISHED=plan.coef.shape[1] == 2, EIGHT_NEIGHBOURS=len(offsets) == 4, BLOCK_N=block, **launch)
+    return grad_f, grad_w, grad_d
+
+
+def _series_forward(f, w, d, plan, offsets, backend="torch", keep_basis=True):
+    """(u [B, H, W], basis vy [n + 1, 2, B N] or None without keep_basis, phi(Z) F [B N])
+    for a plan of _series_plan; float64 inputs."""
+    if _chebyshev_backend(backend, f, offsets) == "triton":
+        return _forward_triton(f.contiguous(), w.contiguous(), d.contiguous(), plan, offsets, keep_basis)
+    c_phi = plan.c_phi
+    degree = plan.degree if keep_basis else c_phi.shape[0] - 1
+    vy = _basis(f.reshape(-1), FlatStencil(w, d, offsets, 2.0 / plan.radius), degree)
+    phi_f = torch.tensordot(c_phi.to(f.dtype), vy[:c_phi.shape[0], 0], 1)
+    u = FlatStencil(w, d, offsets).matmul_into(phi_f, torch.empty_like(phi_f))
+    return u.reshape(f.shape), (vy if keep_basis else None), phi_f
+
+
+def _series_backward(grad_u, w, d, vy, phi_f, plan, offsets, backend="torch"):
+    """(dF, dw, dd) from the basis that _series_forward kept; float64 inputs."""
+    if _chebyshev_backend(backend, grad_u, offsets) == "triton":
+        return _backward_triton(grad_u.contiguous(), w.contiguous(), d.contiguous(), vy, phi_f, plan, offsets)
+    radius, coef = plan.radius, plan.coef
+    B, H, W = grad_u.shape
+    g = grad_u.reshape(-1)
     L = FlatStencil(w, d, offsets)
     Lg = L.matmul_into(g, torch.empty_like(g))
     h = torch.stack([Lg, g]) if coef.shape[1] == 2 else Lg[None]
-    grad_f, reader = _adjoint_sweep(h, coef.to(g.device), FlatStencil(w, d, offsets, 2.0 / radius),
-                                    vy, radius, offsets, W)
+    grad_f, reader = _adjoint_sweep(h, coef, FlatStencil(w, d, offsets, 2.0 / radius), vy, radius, offsets, W)
     valid, _ = grid_masks(H, W, 2 * len(offsets), w.dtype, w.device)
     grad_w, grad_d = reader.result((B, H, W), valid, -1.0 / radius)
     outer = StencilReader(g, offsets, W)                             # g (phi(Z) F)^T
@@ -237,29 +308,34 @@ class ChebyshevFilter(torch.autograd.Function):
     G_phi, G_psi the gradients with respect to Z, as an independent matrix, of
     (L g)^T phi(Z) F and g^T psi(Z) F, psi(z) = (1 - alpha z)^K: sums over k of outer
     products of the adjoint vectors with v_k and y_k, read at the stencil entries only.
-    PyTorch on both backends. Under torch.compile use chebyshev_filter (a custom operator).
+    `backend` "triton" runs the forward and the backward each in one program per image
+    (kernels/structured/chebyshev.py; grids up to chebyshev_max_cells(connectivity) cells,
+    larger ones in PyTorch); "torch" runs the recurrence as stencil products in PyTorch.
+    Without a gradient to compute the forward keeps no basis and stops at phi's degree.
+    Under torch.compile use chebyshev_filter (a custom operator).
     """
 
     @staticmethod
-    def forward(ctx, f, w, d, alpha, iterations, offsets, exact, info=None):
+    def forward(ctx, f, w, d, alpha, iterations, offsets, exact, info=None, backend="torch"):
         plan = _series_plan(w, d, alpha, iterations, offsets, exact, f.dtype)
         dtype = f.dtype
         f, w, d = (t.to(WORKING_DTYPE) for t in (f, w, d))
-        u, vy, phi_f = _series_forward(f, w, d, plan, offsets)
+        keep_basis = any(ctx.needs_input_grad[:3])
+        u, vy, phi_f = _series_forward(f, w, d, plan, offsets, backend, keep_basis)
         if info is not None:
-            radius, c_phi, coef, degree = plan
-            info.update(radius=radius, degree_phi=c_phi.shape[0] - 1, basis_degree=degree,
-                        degree_psi=None if exact else int(coef[:, 1].nonzero().max()))
+            info.update(radius=plan.radius, degree_phi=plan.c_phi.shape[0] - 1, basis_degree=plan.degree,
+                        degree_psi=None if exact else int(plan.coef[:, 1].nonzero().max()),
+                        backend=_chebyshev_backend(backend, f, offsets))
         ctx.save_for_backward(w, d, vy, phi_f)
-        ctx.args = (plan, offsets, dtype)
+        ctx.args = (plan, offsets, dtype, backend)
         return u.to(dtype)
 
     @staticmethod
     def backward(ctx, grad_u):
         w, d, vy, phi_f = ctx.saved_tensors
-        plan, offsets, dtype = ctx.args
-        grads = _series_backward(grad_u.to(WORKING_DTYPE), w, d, vy, phi_f, plan, offsets)
-        return (*(g.to(dtype) for g in grads), None, None, None, None, None)
+        plan, offsets, dtype, backend = ctx.args
+        grads = _series_backward(grad_u.to(WORKING_DTYPE), w, d, vy, phi_f, plan, offsets, backend)
+        return (*(g.to(dtype) for g in grads), None, None, None, None, None, None)
 
 
 # -- the same as custom operators, for torch.compile --------------------------------------
@@ -270,56 +346,57 @@ class ChebyshevFilter(torch.autograd.Function):
 
 @torch.library.custom_op("scm_ops::chebyshev_filter", mutates_args=())
 def _chebyshev_filter_op(f: torch.Tensor, w: torch.Tensor, d: torch.Tensor, alpha: float, iterations: int,
-                         connectivity: int, exact: bool) -> torch.Tensor:
+                         connectivity: int, exact: bool, backend: str) -> torch.Tensor:
     offsets = OFFSETS[connectivity]
     plan = _series_plan(w, d, alpha, iterations, offsets, True, f.dtype)
-    u = _series_forward(*(t.to(WORKING_DTYPE) for t in (f, w, d)), plan, offsets)[0]
+    u = _series_forward(*(t.to(WORKING_DTYPE) for t in (f, w, d)), plan, offsets, backend, keep_basis=False)[0]
     return u.to(f.dtype).contiguous()
 
 
 @_chebyshev_filter_op.register_fake
-def _(f, w, d, alpha, iterations, connectivity, exact):
+def _(f, w, d, alpha, iterations, connectivity, exact, backend):
     return f.new_empty(f.shape)
 
 
 @torch.library.custom_op("scm_ops::chebyshev_filter_backward", mutates_args=())
 def _chebyshev_filter_backward_op(grad_u: torch.Tensor, f: torch.Tensor, w: torch.Tensor, d: torch.Tensor,
-                                  alpha: float, iterations: int, connectivity: int,
-                                  exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  alpha: float, iterations: int, connectivity: int, exact: bool,
+                                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     offsets = OFFSETS[connectivity]
     plan = _series_plan(w, d, alpha, iterations, offsets, exact, f.dtype)
     dtype = f.dtype
     grad_u, f, w, d = (t.to(WORKING_DTYPE) for t in (grad_u, f, w, d))
-    _, vy, phi_f = _series_forward(f, w, d, plan, offsets)
-    grads = _series_backward(grad_u.contiguous(), w, d, vy, phi_f, plan, offsets)
+    _, vy, phi_f = _series_forward(f, w, d, plan, offsets, backend)
+    grads = _series_backward(grad_u.contiguous(), w, d, vy, phi_f, plan, offsets, backend)
     return tuple(g.to(dtype).contiguous() for g in grads)
 
 
 @_chebyshev_filter_backward_op.register_fake
-def _(grad_u, f, w, d, alpha, iterations, connectivity, exact):
+def _(grad_u, f, w, d, alpha, iterations, connectivity, exact, backend):
     return f.new_empty(f.shape), w.new_empty(w.shape), d.new_empty(d.shape)   # contiguous, as the real ones
 
 
 def _setup_context(ctx, inputs, output):
-    f, w, d, alpha, iterations, connectivity, exact = inputs
+    f, w, d, alpha, iterations, connectivity, exact, backend = inputs
     ctx.save_for_backward(f, w, d)
-    ctx.args = (alpha, iterations, connectivity, exact)
+    ctx.args = (alpha, iterations, connectivity, exact, backend)
 
 
 def _backward(ctx, grad_u):
     f, w, d = ctx.saved_tensors
     grads = _chebyshev_filter_backward_op(grad_u, f, w, d, *ctx.args)
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None)
 
 
 _chebyshev_filter_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def chebyshev_filter(f: torch.Tensor, w: torch.Tensor, d: torch.Tensor, alpha: float, iterations: int,
-                     offsets, exact: bool) -> torch.Tensor:
+                     offsets, exact: bool, backend: str = "torch") -> torch.Tensor:
     """u = X_p F by the Chebyshev series (see ChebyshevFilter): the autograd Function in eager
     mode (the basis saved for backward), the custom operator under torch.compile (the basis
-    recomputed in backward)."""
+    recomputed in backward). `backend` "triton" runs the series in one program per image
+    (grids up to chebyshev_max_cells(connectivity) cells), "torch" in PyTorch."""
     if torch.compiler.is_compiling():
-        return _chebyshev_filter_op(f, w, d, float(alpha), int(iterations), 2 * len(offsets), bool(exact))
-    return ChebyshevFilter.apply(f, w, d, alpha, iterations, offsets, exact)
+        return _chebyshev_filter_op(f, w, d, float(alpha), int(iterations), 2 * len(offsets), bool(exact), backend)
+    return ChebyshevFilter.apply(f, w, d, alpha, iterations, offsets, exact, None, backend)
