@@ -3,8 +3,9 @@
 Each kernel module in ``scm_ops.kernels`` (and its sub-packages) declares, next to its
 kernels, an ``AOT`` table: per kernel the types of its run-time arguments, the input dtypes
 its launcher passes and the values of every constexpr that varies at launch (block sizes
-the launcher derives from the input, flags); ``CONFIGS`` gives the fixed block sizes and
-launch options. This module compiles every combination for sm_80 (A100) and sm_90
+the launcher derives from the input, flags), optionally with ``exclude``: combinations the
+launchers never make; ``CONFIGS`` gives the fixed block sizes and launch options (a launch
+option may map BLOCK_N to its value). This module compiles every combination for sm_80 (A100) and sm_90
 (H100/H200) with an explicit ``GPUTarget`` (no GPU needed), reads the resources of the
 compiled cubin (``cuobjdump --dump-resource-usage``: registers per thread, stack frame,
 shared memory) and checks them against budgets:
@@ -63,11 +64,14 @@ def variants(module, kernel_name: str):
         fixed = {k: v for k, v in dict(cfg, IS_FP64=dtype == "fp64").items() if k in constexpr_names}
         for values in itertools.product(*choices.values()):
             constexprs = dict(fixed, **dict(zip(choices, values)))
+            if any(all(constexprs.get(k) == v for k, v in rule.items()) for rule in entry.get("exclude", ())):
+                continue  # a combination the launchers never make
             missing = set(constexpr_names) - set(constexprs)
             if missing:
                 raise RuntimeError(f"{kernel_name}: no value for constexpr {sorted(missing)}; add it to the "
                                    "kernel's CONFIGS or to the choices of its AOT entry")
-            yield dtype, constexprs, options
+            yield dtype, constexprs, {k: v[constexprs["BLOCK_N"]] if isinstance(v, dict) else v
+                                      for k, v in options.items()}
 
 
 def signature(module, kernel_name: str, dtype: str) -> dict:
@@ -115,13 +119,16 @@ def spill_bytes(ptx: str, capability: int) -> tuple[int, int]:
     return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
-def compile_all(capabilities=CAPABILITIES) -> list[dict]:
+def compile_all(capabilities=CAPABILITIES, modules=None) -> list[dict]:
+    """Compile every configuration (of the named kernel modules only, if `modules` is given)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     rows = []
     for mod_name, module in kernel_modules():
+        if modules and mod_name not in modules:
+            continue
         for kname, entry in module.AOT.items():
             fn = getattr(module, kname)
             for dtype, constexprs, options in variants(module, kname):
@@ -158,11 +165,13 @@ def problems(row: dict, entry: dict, capability: int) -> list[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the table as JSON to this file")
+    parser.add_argument("--module", action="append", help="only this kernel module (e.g. structured.chebyshev); "
+                        "repeatable")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter does not compile kernels", file=sys.stderr)
         return 2
-    rows = compile_all()
+    rows = compile_all(modules=args.module)
     for r in rows:
         verdict = "ok" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])
         print(f"{r['kernel']:28s} {r['dtype']:5s} sm_{r['sm']} regs {r['registers']:3d} stack {r['stack_bytes']:5d} B "

@@ -1,7 +1,8 @@
 """The Chebyshev series of the p = 16 block (scm_ops/structured/chebyshev.py) against dense
 Newton-Schulz on a dense L built cell by cell (scm_ops.testing.dense_laplacian),
 both gradient semantics; its coefficients against the function they approximate; its
-radius and divergence check."""
+radius and divergence check; its Triton kernels (kernels/structured/chebyshev.py) against
+the PyTorch path and the dense reference."""
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from scm_ops.newton_schulz import NewtonSchulzDivergenceError
 from scm_ops.reference import newton_schulz_inverse_ref
 from scm_ops.structured.chebyshev import (DEGREE_TOLERANCE, ChebyshevFilter, chebyshev_coefficients,
-                                          rounded_radius, series_radius)
+                                          chebyshev_max_cells, rounded_radius, series_radius)
 from scm_ops.testing import STENCIL_OFFSETS, assert_rel_rmse, dense_laplacian, random_stencil
 
 OFFSETS = STENCIL_OFFSETS
@@ -140,10 +141,95 @@ def test_custom_operator_matches_function_and_passes_opcheck():
     f = torch.rand(2, 5, 6, dtype=torch.float64)
     weights = torch.randn(2, 5, 6, dtype=torch.float64)
     for exact in (False, True):
-        ours = values_and_gradients(lambda *x: torch.ops.scm_ops.chebyshev_filter(*x, 0.002, 12, 4, exact),
+        ours = values_and_gradients(lambda *x: torch.ops.scm_ops.chebyshev_filter(*x, 0.002, 12, 4, exact, "torch"),
                                     f, w, d, weights)
         ref = values_and_gradients(lambda *x: ChebyshevFilter.apply(*x, 0.002, 12, offsets, exact), f, w, d, weights)
         for name, a, r in zip(("u", "dF", "dw", "dd"), ours, ref):
             assert_rel_rmse(a, r, 1e-14, name)
         leaves = [t.clone().requires_grad_() for t in (f, w, d)]
-        torch.library.opcheck(torch.ops.scm_ops.chebyshev_filter, (*leaves, 0.002, 12, 4, exact))
+        torch.library.opcheck(torch.ops.scm_ops.chebyshev_filter, (*leaves, 0.002, 12, 4, exact, "torch"))
+
+
+# -- the Triton kernels against the PyTorch path ------------------------------------------
+# Both run the same float64 recurrence with the same coefficients; only the order of the
+# stencil terms differs. Measured at p = 6, alpha = 0.05 (degree 16-46, cheap in the
+# interpreter): at most 1.8e-15 forward, 3.6e-15 gradients; at p = 16 (degree 191-375, 5 x 7
+# grid, 4 and 8 neighbours, both semantics) at most 5.4e-14. Bound 1e-12.
+TRITON_CASES = [((5, 7), 4, 2), ((5, 7), 8, 2), ((1, 6), 4, 2), ((6, 1), 8, 2), ((3, 2), 8, 0)]
+
+
+def _torch_and_triton(grid, connectivity, batch, exact, device, p=6, alpha=0.05):
+    offsets = OFFSETS[connectivity]
+    w, d = random_stencil(batch, connectivity, torch.float64, device, seed=5, grid=grid)
+    f = torch.rand(batch, *grid, dtype=torch.float64, device=device)
+    weights = torch.randn(batch, *grid, dtype=torch.float64, device=device)
+    out, infos = {}, {}
+    for backend in ("torch", "triton"):
+        infos[backend] = {}
+        out[backend] = values_and_gradients(
+            lambda *x: ChebyshevFilter.apply(*x, alpha, p, offsets, exact, infos[backend], backend), f, w, d, weights)
+    return out, infos
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["published_grad", "exact_grad"])
+@pytest.mark.parametrize("grid,connectivity,batch", TRITON_CASES,
+                         ids=["5x7-4n", "5x7-8n", "1x6-4n", "6x1-8n", "empty-batch"])
+def test_triton_kernels_match_torch_path(grid, connectivity, batch, exact, device):
+    out, infos = _torch_and_triton(grid, connectivity, batch, exact, device)
+    assert infos["triton"]["backend"] == "triton"
+    assert infos["triton"]["basis_degree"] == infos["torch"]["basis_degree"] >= 2
+    for name, a, r in zip(("u", "dF", "dw", "dd"), out["triton"], out["torch"]):
+        assert a.shape == r.shape
+        if batch:
+            assert_rel_rmse(a, r, 1e-12, f"{name} ({grid}, {connectivity} neighbours)")
+
+
+def test_triton_kernels_on_the_largest_block(device):
+    """A 23 x 23 grid (529 cells: BLOCK_N 1024, the largest; flat offsets wrap at every row
+    end) and a 16 x 16 grid (256 cells: exactly one block), published gradient."""
+    for grid in ((23, 23), (16, 16)):
+        out, infos = _torch_and_triton(grid, 4, 1, False, device, p=5, alpha=0.02)
+        assert infos["triton"]["backend"] == "triton"
+        for name, a, r in zip(("u", "dF", "dw", "dd"), out["triton"], out["torch"]):
+            assert_rel_rmse(a, r, 1e-12, f"{name} ({grid})")
+
+
+def test_triton_forward_without_gradient_and_float32(device):
+    """Under no_grad the kernel keeps no basis and stops at phi's degree: the same u. float32
+    inputs run in float64 and return float32."""
+    offsets = OFFSETS[4]
+    w, d = random_stencil(2, 4, torch.float64, device, seed=2, grid=(4, 5))
+    f = torch.rand(2, 4, 5, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        u = {b: ChebyshevFilter.apply(f, w, d, 0.05, 6, offsets, False, None, b) for b in ("torch", "triton")}
+        u32 = ChebyshevFilter.apply(f.float(), w.float(), d.float(), 0.05, 6, offsets, False, None, "triton")
+    assert_rel_rmse(u["triton"], u["torch"], 1e-12, "u")
+    assert u32.dtype == torch.float32
+    assert_rel_rmse(u32.double(), u["torch"], 1e-6, "u float32")     # input rounding only: measured 6e-8
+
+
+def test_triton_matches_dense_newton_schulz_p16(device):
+    """The published p = 16 block on the Triton backend against dense Newton-Schulz in float64
+    (the bound of the PyTorch path's test above, TOL_FP64)."""
+    offsets = OFFSETS[4]
+    grid = (4, 5)
+    w, d = random_stencil(1, 4, torch.float64, device, seed=1, grid=grid)
+    w, d = 0.5 * w, 0.5 * d                                   # a small radius: a short series
+    f = torch.rand(1, *grid, dtype=torch.float64, device=device)
+    weights = torch.randn(1, *grid, dtype=torch.float64, device=device)
+    ours = values_and_gradients(lambda *x: ChebyshevFilter.apply(*x, 0.002, 16, offsets, False, None, "triton"),
+                                f, w, d, weights)
+    ref = values_and_gradients(lambda *x: reference(*x, 0.002, 16, offsets, False), f, w, d, weights)
+    for i, (name, a, r) in enumerate(zip(("u", "dF", "dw", "dd"), ours, ref)):
+        assert_rel_rmse(a, r, TOL_FP64[i > 0], name)
+
+
+def test_triton_falls_back_above_one_program():
+    """Grids larger than one program holds run the PyTorch series on the Triton backend."""
+    assert chebyshev_max_cells(4) == 1024 and chebyshev_max_cells(8) == 256
+    info = {}
+    w, d = random_stencil(1, 8, torch.float64, "cpu", grid=(17, 16))    # 272 cells > 256
+    f = torch.rand(1, 17, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ChebyshevFilter.apply(f, w, d, 0.05, 2, OFFSETS[8], True, info, "triton")
+    assert info["backend"] == "torch"

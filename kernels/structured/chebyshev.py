@@ -13,69 +13,72 @@ as the truncation error is, and float32 lost two digits against dense Newton-Sch
 import triton
 import triton.language as tl
 
-from .stencil import _add_pair_sums, _publish, _stencil_matvec
+from .stencil import _flat_add_pair_sums, _flat_matvec, _flat_publish
 
 # One program holds a whole grid: the launcher takes the smallest BLOCK_N here that holds
-# the grid's cells (up to 16 x 16, 22 x 22, 32 x 32); larger grids take the PyTorch series.
-# 8-neighbour grids stop at EIGHT_NEIGHBOUR_MAX_BLOCK_N cells (see CONFIGS).
+# the grid's cells (up to 16 x 16, 22 x 22, 32 x 32); larger grids take the PyTorch series,
+# and so do 8-neighbour grids above EIGHT_NEIGHBOUR_MAX_BLOCK_N cells: their backward
+# spilled registers at 512 and 1024 cells on sm_80 or sm_90 with 8 or 16 warps (8-1200 B).
 BLOCK_N_CHOICES = (256, 512, 1024)
-EIGHT_NEIGHBOUR_MAX_BLOCK_N = 1024
-# Warps per kernel, chosen with python -m scm_ops.aot as the fewest with no register spill at
-# every block size (fp64 only: the launcher always passes float64).
+EIGHT_NEIGHBOUR_MAX_BLOCK_N = 256
+# Warps: the fewest found spill-free by python -m scm_ops.aot at every block size
+# (float64 only: the launcher always passes float64).
 CONFIGS = {
     "chebyshev_fwd_kernel": {"fp64": dict(num_warps=8)},
     "chebyshev_bwd_kernel": {"fp64": dict(num_warps=8)},
 }
 
-# Ahead-of-time check (python -m scm_ops.aot): run-time argument types and the constexprs
-# that vary at launch.
+# Ahead-of-time check (python -m scm_ops.aot): run-time argument types, the constexprs that
+# vary at launch, and the combinations the launcher never makes.
+_WIDE_EIGHT = [dict(EIGHT_NEIGHBOURS=True, BLOCK_N=b) for b in BLOCK_N_CHOICES if b > EIGHT_NEIGHBOUR_MAX_BLOCK_N]
 AOT = {
-    "chebyshev_fwd_kernel": dict(args=["*in"] * 9 + ["i32"] * 4, dtypes=("fp64",),
+    "chebyshev_fwd_kernel": dict(args=["*in"] * 9 + ["i32"] * 4, dtypes=("fp64",), exclude=_WIDE_EIGHT,
                                  choices={"EIGHT_NEIGHBOURS": (False, True), "STORE_BASIS": (False, True),
                                           "BLOCK_N": BLOCK_N_CHOICES}),
-    "chebyshev_bwd_kernel": dict(args=["*in"] * 11 + ["i32"] * 4, dtypes=("fp64",),
+    "chebyshev_bwd_kernel": dict(args=["*in"] * 11 + ["i32"] * 4, dtypes=("fp64",), exclude=_WIDE_EIGHT,
                                  choices={"EIGHT_NEIGHBOURS": (False, True), "PUBLISHED": (False, True),
                                           "BLOCK_N": BLOCK_N_CHOICES}),
 }
 
 
 @triton.jit
-def _image(d_ptr, w_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's image b, its cells (offs, in-grid mask, row, column), the diagonal d and
-    pointers to the image's weight planes and scratch row."""
+def _image(d_ptr, planes_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's image b, its cells (offs, in-grid mask), the diagonal d, and pointers to
+    the image's 2K weight planes [2K, BLOCK_N] and to the middle of its scratch row."""
     K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
     N = H * W
     b = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_N)
     inside = offs < N
     d = tl.load(d_ptr + b * N + offs, mask=inside, other=0.0)
-    return b, offs, inside, offs // W, offs % W, d, w_ptr + b * K * N, scratch_ptr + b * BLOCK_N
+    return b, offs, inside, d, planes_ptr + b * 2 * K * BLOCK_N, scratch_ptr + (3 * b + 1) * BLOCK_N
 
 
 @triton.jit
 def chebyshev_fwd_kernel(
-    f_ptr, w_ptr, d_ptr, coef_ptr, scale_ptr, u_ptr, phi_f_ptr, basis_ptr, scratch_ptr, B, H, W, DEGREE,
+    f_ptr, planes_ptr, d_ptr, coef_ptr, scale_ptr, u_ptr, phi_f_ptr, basis_ptr, scratch_ptr, B, H, W, DEGREE,
     EIGHT_NEIGHBOURS: tl.constexpr, STORE_BASIS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """phi(Z) F = sum_{k <= DEGREE} c_k v_k and u = L phi(Z) F, with
         v_0 = F,  v_1 = Y F,  v_{k+1} = 2 v_k - v_{k-1} - Lh y_k,  y_k = Lh v_k.
     coef [DEGREE + 1] (zero-padded), scale = 2/R [1]; all float64. With STORE_BASIS the
     basis goes to basis [DEGREE + 1, 2, B, N] as (v_k, y_k), y_DEGREE = 0 (the layout of
-    the PyTorch path). Grid (B,); scratch [B, BLOCK_N]."""
+    the PyTorch path). planes [B, 2K, BLOCK_N] and a zeroed scratch [B, 3 BLOCK_N] as
+    described in stencil.py's flat form. Grid (B,)."""
     N = H * W
-    b, offs, inside, r, c, d, w_ptr, scratch_ptr = _image(d_ptr, w_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS, BLOCK_N)
+    b, offs, inside, d, planes_ptr, scratch_ptr = _image(d_ptr, planes_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS, BLOCK_N)
     scale = tl.load(scale_ptr)
     v_prev = tl.load(f_ptr + b * N + offs, mask=inside, other=0.0)
-    y = scale * _stencil_matvec(scratch_ptr, w_ptr, d, v_prev, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
-    v = v_prev - 0.5 * scale * _stencil_matvec(scratch_ptr, w_ptr, d, y, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
+    y = scale * _flat_matvec(scratch_ptr, planes_ptr, d, v_prev, offs, inside, W, EIGHT_NEIGHBOURS, BLOCK_N)
+    v = v_prev - 0.5 * scale * _flat_matvec(scratch_ptr, planes_ptr, d, y, offs, inside, W, EIGHT_NEIGHBOURS, BLOCK_N)
     if STORE_BASIS:
         tl.store(basis_ptr + b * N + offs, v_prev, mask=inside)
         tl.store(basis_ptr + (B + b) * N + offs, y, mask=inside)
     acc = tl.load(coef_ptr) * v_prev + tl.load(coef_ptr + 1) * v
     for k in range(1, DEGREE):
-        y = scale * _stencil_matvec(scratch_ptr, w_ptr, d, v, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
-        v_next = 2.0 * v - v_prev - scale * _stencil_matvec(scratch_ptr, w_ptr, d, y, r, c, H, W, inside, offs,
-                                                            EIGHT_NEIGHBOURS)
+        y = scale * _flat_matvec(scratch_ptr, planes_ptr, d, v, offs, inside, W, EIGHT_NEIGHBOURS, BLOCK_N)
+        v_next = 2.0 * v - v_prev - scale * _flat_matvec(scratch_ptr, planes_ptr, d, y, offs, inside, W,
+                                                         EIGHT_NEIGHBOURS, BLOCK_N)
         if STORE_BASIS:
             tl.store(basis_ptr + (2 * k * B + b) * N + offs, v, mask=inside)
             tl.store(basis_ptr + ((2 * k + 1) * B + b) * N + offs, y, mask=inside)
@@ -86,35 +89,35 @@ def chebyshev_fwd_kernel(
         tl.store(basis_ptr + (2 * DEGREE * B + b) * N + offs, v, mask=inside)
         tl.store(basis_ptr + ((2 * DEGREE + 1) * B + b) * N + offs, tl.zeros_like(v), mask=inside)
     tl.store(phi_f_ptr + b * N + offs, acc, mask=inside)
-    u = _stencil_matvec(scratch_ptr, w_ptr, d, acc, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
+    u = _flat_matvec(scratch_ptr, planes_ptr, d, acc, offs, inside, W, EIGHT_NEIGHBOURS, BLOCK_N)
     tl.store(u_ptr + b * N + offs, u, mask=inside)
 
 
 @triton.jit
-def _read_step(grad_w_ptr, grad_d, weight, scale, b0, b1, v_ptr, y_ptr, scratch_ptr, w_ptr, d, r, c, H, W,
-               inside, offs, PUBLISHED: tl.constexpr, EIGHT_NEIGHBOURS: tl.constexpr):
+def _read_step(grad_w_ptr, grad_d_ptr, weight, scale, b0, b1, v_ptr, y_ptr, scratch_ptr, planes_ptr, d, offs,
+               inside, N, W, PUBLISHED: tl.constexpr, EIGHT_NEIGHBOURS: tl.constexpr, BLOCK_N: tl.constexpr):
     """One reverse step's products and reads, b0 = b_{k+1} of stream phi, b1 of stream psi:
-    returns (Lh b0, Lh b1 (b1 itself without PUBLISHED), grad_d) after adding weight times
-    the stencil entries of b0 y_k^T and (Lh b0 + (2/R) b1) v_k^T to grad_w and grad_d."""
+    returns (Lh b0, Lh b1 (b1 itself without PUBLISHED)) after adding weight times the stencil
+    entries of b0 y_k^T and (Lh b0 + (2/R) b1) v_k^T to grad_w and grad_d (in memory)."""
     lb1 = b1
     if PUBLISHED:
-        lb1 = scale * _stencil_matvec(scratch_ptr, w_ptr, d, b1, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
-    lb0 = scale * _stencil_matvec(scratch_ptr, w_ptr, d, b0, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
+        lb1 = scale * _flat_matvec(scratch_ptr, planes_ptr, d, b1, offs, inside, W, EIGHT_NEIGHBOURS, BLOCK_N)
+    lb0 = scale * _flat_matvec(scratch_ptr, planes_ptr, d, b0, offs, inside, W, EIGHT_NEIGHBOURS, BLOCK_N)
     # b0 is published now: its pairs with y_k
-    grad_d += weight * b0 * tl.load(y_ptr + offs, mask=inside, other=0.0)
-    _add_pair_sums(grad_w_ptr, weight, scratch_ptr, b0, y_ptr, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
+    _flat_add_pair_sums(grad_w_ptr, weight, scratch_ptr, b0, y_ptr, offs, inside, N, W, EIGHT_NEIGHBOURS)
     pair = lb0
     if PUBLISHED:
         pair += scale * b1
-    _publish(scratch_ptr, offs, inside, pair)
-    grad_d += weight * pair * tl.load(v_ptr + offs, mask=inside, other=0.0)
-    _add_pair_sums(grad_w_ptr, weight, scratch_ptr, pair, v_ptr, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
-    return lb0, lb1, grad_d
+    _flat_publish(scratch_ptr, offs, pair)
+    _flat_add_pair_sums(grad_w_ptr, weight, scratch_ptr, pair, v_ptr, offs, inside, N, W, EIGHT_NEIGHBOURS)
+    diag = (b0 * tl.load(y_ptr + offs, mask=inside, other=0.0) + pair * tl.load(v_ptr + offs, mask=inside, other=0.0))
+    tl.store(grad_d_ptr + offs, tl.load(grad_d_ptr + offs, mask=inside, other=0.0) + weight * diag, mask=inside)
+    return lb0, lb1
 
 
 @triton.jit
 def chebyshev_bwd_kernel(
-    grad_u_ptr, w_ptr, d_ptr, basis_ptr, phi_f_ptr, coef_ptr, scale_ptr, grad_f_ptr, grad_w_ptr, grad_d_ptr,
+    grad_u_ptr, planes_ptr, d_ptr, basis_ptr, phi_f_ptr, coef_ptr, scale_ptr, grad_f_ptr, grad_w_ptr, grad_d_ptr,
     scratch_ptr, B, H, W, DEGREE,
     PUBLISHED: tl.constexpr, EIGHT_NEIGHBOURS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -125,21 +128,27 @@ def chebyshev_bwd_kernel(
     and, with weights 2 (1 at k = 0) times -1/R, the stencil entries of b_{k+1} y_k^T and
     (Lh b_{k+1} [+ (2/R) b'_{k+1}]) v_k^T, plus those of g (phi(Z) F)^T. coef [DEGREE + 1, S]
     (S = 2 with PUBLISHED, else 1), basis as written by the forward; all float64. grad_w
-    [B, K, H, W] accumulates in place. Grid (B,); scratch [B, BLOCK_N]."""
+    [B, K, H, W] accumulates in place; its pairs across a row end are left for the launcher to
+    zero. planes and scratch as in chebyshev_fwd_kernel. Grid (B,)."""
     S: tl.constexpr = 2 if PUBLISHED else 1
     K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
     N = H * W
-    b, offs, inside, r, c, d, w_ptr, scratch_ptr = _image(d_ptr, w_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS, BLOCK_N)
+    b, offs, inside, d, planes_ptr, scratch_ptr = _image(d_ptr, planes_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS, BLOCK_N)
     scale = tl.load(scale_ptr)
     g = tl.load(grad_u_ptr + b * N + offs, mask=inside, other=0.0)
     grad_w_ptr += b * K * N
+    grad_d_ptr += b * N
+    grad_f_ptr += b * N
     zero = tl.zeros_like(g)
-    for k in tl.static_range(K):
-        tl.store(grad_w_ptr + k * N + offs, zero, mask=inside)
+    for plane in tl.static_range(K):
+        tl.store(grad_w_ptr + plane * N + offs, zero, mask=inside)
     # the outer term g (phi(Z) F)^T, with g published by the product L g
-    h0 = _stencil_matvec(scratch_ptr, w_ptr, d, g, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
-    grad_d = g * tl.load(phi_f_ptr + b * N + offs, mask=inside, other=0.0)
-    _add_pair_sums(grad_w_ptr, 1.0, scratch_ptr, g, phi_f_ptr + b * N, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS)
+    h0 = _flat_matvec(scratch_ptr, planes_ptr, d, g, offs, inside, W, EIGHT_NEIGHBOURS, BLOCK_N)
+    tl.store(grad_d_ptr + offs, g * tl.load(phi_f_ptr + b * N + offs, mask=inside, other=0.0), mask=inside)
+    _flat_add_pair_sums(grad_w_ptr, 1.0, scratch_ptr, g, phi_f_ptr + b * N, offs, inside, N, W, EIGHT_NEIGHBOURS)
+    # h_0 = L g and h_1 = g are read back from memory at each step (fewer live registers):
+    # h_0 waits in grad_f, which it leaves at the end
+    tl.store(grad_f_ptr + offs, h0, mask=inside)
 
     b0 = tl.load(coef_ptr + DEGREE * S) * h0
     b0_next = zero
@@ -149,24 +158,25 @@ def chebyshev_bwd_kernel(
         b1 = tl.load(coef_ptr + DEGREE * S + 1) * g
     for i in range(DEGREE - 1):
         k = DEGREE - 1 - i
-        lb0, lb1, grad_d = _read_step(grad_w_ptr, grad_d, -scale, scale, b0, b1,
-                                      basis_ptr + (2 * k * B + b) * N, basis_ptr + ((2 * k + 1) * B + b) * N,
-                                      scratch_ptr, w_ptr, d, r, c, H, W, inside, offs, PUBLISHED, EIGHT_NEIGHBOURS)
-        b0_new = (2.0 * b0 - b0_next + tl.load(coef_ptr + k * S) * h0
-                  - scale * _stencil_matvec(scratch_ptr, w_ptr, d, lb0, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS))
+        lb0, lb1 = _read_step(grad_w_ptr, grad_d_ptr, -scale, scale, b0, b1,
+                              basis_ptr + (2 * k * B + b) * N, basis_ptr + ((2 * k + 1) * B + b) * N,
+                              scratch_ptr, planes_ptr, d, offs, inside, N, W, PUBLISHED, EIGHT_NEIGHBOURS, BLOCK_N)
+        b0_new = (2.0 * b0 - b0_next + tl.load(coef_ptr + k * S) * tl.load(grad_f_ptr + offs, mask=inside, other=0.0)
+                  - scale * _flat_matvec(scratch_ptr, planes_ptr, d, lb0, offs, inside, W, EIGHT_NEIGHBOURS, BLOCK_N))
         b0_next = b0
         b0 = b0_new
         if PUBLISHED:
-            b1_new = (2.0 * b1 - b1_next + tl.load(coef_ptr + k * S + 1) * g
-                      - scale * _stencil_matvec(scratch_ptr, w_ptr, d, lb1, r, c, H, W, inside, offs,
-                                                EIGHT_NEIGHBOURS))
+            b1_new = (2.0 * b1 - b1_next
+                      + tl.load(coef_ptr + k * S + 1) * tl.load(grad_u_ptr + b * N + offs, mask=inside, other=0.0)
+                      - scale * _flat_matvec(scratch_ptr, planes_ptr, d, lb1, offs, inside, W, EIGHT_NEIGHBOURS,
+                                             BLOCK_N))
             b1_next = b1
             b1 = b1_new
     # k = 0: weight 1, and only stream 0 goes on (to dF)
-    lb0, lb1, grad_d = _read_step(grad_w_ptr, grad_d, -0.5 * scale, scale, b0, b1, basis_ptr + b * N,
-                                  basis_ptr + (B + b) * N, scratch_ptr, w_ptr, d, r, c, H, W, inside, offs,
-                                  PUBLISHED, EIGHT_NEIGHBOURS)
-    grad_f = (tl.load(coef_ptr) * h0 + b0 - b0_next
-              - 0.5 * scale * _stencil_matvec(scratch_ptr, w_ptr, d, lb0, r, c, H, W, inside, offs, EIGHT_NEIGHBOURS))
-    tl.store(grad_f_ptr + b * N + offs, grad_f, mask=inside)
-    tl.store(grad_d_ptr + b * N + offs, grad_d, mask=inside)
+    lb0, lb1 = _read_step(grad_w_ptr, grad_d_ptr, -0.5 * scale, scale, b0, b1, basis_ptr + b * N,
+                          basis_ptr + (B + b) * N, scratch_ptr, planes_ptr, d, offs, inside, N, W,
+                          PUBLISHED, EIGHT_NEIGHBOURS, BLOCK_N)
+    grad_f = (tl.load(coef_ptr) * tl.load(grad_f_ptr + offs, mask=inside, other=0.0) + b0 - b0_next
+              - 0.5 * scale * _flat_matvec(scratch_ptr, planes_ptr, d, lb0, offs, inside, W, EIGHT_NEIGHBOURS,
+                                           BLOCK_N))
+    tl.store(grad_f_ptr + offs, grad_f, mask=inside)

@@ -83,3 +83,62 @@ def _add_pair_sums(grad_w_ptr, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside,
     if EIGHT_NEIGHBOURS:
         _add_pair_sum(grad_w_ptr + 2 * N, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, 1, 1)
         _add_pair_sum(grad_w_ptr + 3 * N, scale, scratch_ptr, p, q_ptr, r, c, H, W, inside, offs, 1, -1)
+
+
+# -- the flat form: no masks on the shifted reads ------------------------------------------
+# In the flat layout the neighbour n + o_k of cell n is n + m_k, m_k = dr W + dc. The launcher
+# passes 2K weight planes per image, [w_k, w_k shifted by m_k] with w_k zero wherever n + o_k
+# leaves the grid (this also zeroes the pairs that a flat shift makes across a row end), and a
+# zeroed scratch row of 3 BLOCK_N per image whose middle third holds the published vector:
+# every shifted read then lands on a value that is finite (0 beyond the grid), and needs no
+# mask or index arithmetic of its own. Fewer live masks and indices: fewer registers.
+
+@triton.jit
+def _flat_publish(scratch_ptr, offs, x):
+    """Write x (zero on the lanes past the grid) to the middle third of the scratch row."""
+    tl.debug_barrier()  # every read of the previous vector is done
+    tl.store(scratch_ptr + offs, x)
+    tl.debug_barrier()  # the write is visible to the whole CTA
+
+
+@triton.jit
+def _flat_term(scratch_ptr, planes_ptr, offs, inside, m, k: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """w_k[n] x[n + m_k] + w_k[n - m_k] x[n - m_k] for the published x."""
+    return (tl.load(planes_ptr + k * BLOCK_N + offs, mask=inside, other=0.0) * tl.load(scratch_ptr + offs + m)
+            + tl.load(planes_ptr + (K + k) * BLOCK_N + offs, mask=inside, other=0.0) * tl.load(scratch_ptr + offs - m))
+
+
+@triton.jit
+def _flat_matvec(scratch_ptr, planes_ptr, d, x, offs, inside, W, EIGHT_NEIGHBOURS: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """L x in the flat form (planes [2K, BLOCK_N] of this image); leaves x published."""
+    K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
+    _flat_publish(scratch_ptr, offs, x)
+    y = d * x
+    y += _flat_term(scratch_ptr, planes_ptr, offs, inside, 1, 0, K, BLOCK_N)
+    y += _flat_term(scratch_ptr, planes_ptr, offs, inside, W, 1, K, BLOCK_N)
+    if EIGHT_NEIGHBOURS:
+        y += _flat_term(scratch_ptr, planes_ptr, offs, inside, W + 1, 2, K, BLOCK_N)
+        y += _flat_term(scratch_ptr, planes_ptr, offs, inside, W - 1, 3, K, BLOCK_N)
+    return y
+
+
+@triton.jit
+def _flat_add_pair_sum(plane_ptr, weight, scratch_ptr, p, q_ptr, offs, inside, N, m):
+    """plane[n] += weight (p[n] q[n + m] + p[n + m] q[n]), p published, q in global memory
+    (n + m past the grid reads 0). Pairs across a row end are left for the caller to zero."""
+    there = offs + m
+    pair = (p * tl.load(q_ptr + there, mask=there < N, other=0.0)
+            + tl.load(scratch_ptr + there) * tl.load(q_ptr + offs, mask=inside, other=0.0))
+    tl.store(plane_ptr + offs, tl.load(plane_ptr + offs, mask=inside, other=0.0) + weight * pair, mask=inside)
+
+
+@triton.jit
+def _flat_add_pair_sums(grad_w_ptr, weight, scratch_ptr, p, q_ptr, offs, inside, N, W,
+                        EIGHT_NEIGHBOURS: tl.constexpr):
+    """_flat_add_pair_sum for every plane k of grad_w [K, N] (accumulated in memory)."""
+    _flat_add_pair_sum(grad_w_ptr, weight, scratch_ptr, p, q_ptr, offs, inside, N, 1)
+    _flat_add_pair_sum(grad_w_ptr + N, weight, scratch_ptr, p, q_ptr, offs, inside, N, W)
+    if EIGHT_NEIGHBOURS:
+        _flat_add_pair_sum(grad_w_ptr + 2 * N, weight, scratch_ptr, p, q_ptr, offs, inside, N, W + 1)
+        _flat_add_pair_sum(grad_w_ptr + 3 * N, weight, scratch_ptr, p, q_ptr, offs, inside, N, W - 1)

@@ -125,7 +125,7 @@ def series_radius(w: torch.Tensor, d: torch.Tensor, offsets, alpha: float) -> fl
     problem = divergence(bound, alpha)
     if problem:
         raise NewtonSchulzDivergenceError(problem)
-    radius = float(bound.max())
+    radius = float(bound.max()) if bound.numel() else 1.0      # an empty batch: any interval
     # A non-finite L (NaN in S) gives a NaN result on any interval; the finite-value checks
     # report it (under torch.compile they may run after this operator).
     return radius if math.isfinite(radius) else 1.0
@@ -227,37 +227,50 @@ def _chebyshev_backend(backend, f, offsets):
     return backend
 
 
-def _launch(kernel_name, f):
-    """(kernel, BLOCK_N, launch options, scratch [B, BLOCK_N]) for one image a program."""
+def _launch(kernel_name, w, d, offsets):
+    """(kernel, BLOCK_N, launch options, weight planes, scratch) for one image a program.
+    BLOCK_N: the smallest compiled block size that holds the grid. The planes [B, 2K, BLOCK_N]
+    are w_k, zero where n + o_k leaves the grid, then w_k shifted by the flat offset m_k;
+    the scratch [B, 3 BLOCK_N] is zeroed (kernels/structured/stencil.py, "the flat form")."""
     kern = kernel_module("structured.chebyshev")
-    block = min(b for b in kern.BLOCK_N_CHOICES if b >= f.shape[1] * f.shape[2])
-    _, launch = kernel_config(kern, torch.float64, kernel_name)
-    return getattr(kern, kernel_name), block, launch, f.new_empty(f.shape[0], block)
+    B, K, H, W = w.shape
+    N = H * W
+    block = min(b for b in kern.BLOCK_N_CHOICES if b >= N)
+    _, launch = kernel_config(kern, torch.float64, kernel_name, block_n=block)
+    valid, _ = grid_masks(H, W, 2 * K, w.dtype, w.device)
+    planes = w.new_zeros(B, 2 * K, block)
+    planes[:, :K, :N] = (w * valid).reshape(B, K, N)
+    for k, (dr, dc) in enumerate(offsets):
+        m = dr * W + dc
+        if 0 < m < N:
+            planes[:, K + k, m:N] = planes[:, k, :N - m]
+    return getattr(kern, kernel_name), block, launch, planes, d.new_zeros(B, 3 * block)
 
 
 def _forward_triton(f, w, d, plan, offsets, keep_basis):
     """chebyshev_fwd_kernel on float64 contiguous f [B, H, W], w [B, K, H, W], d [B, H, W]."""
-    kernel, block, launch, scratch = _launch("chebyshev_fwd_kernel", f)
+    kernel, block, launch, planes, scratch = _launch("chebyshev_fwd_kernel", w, d, offsets)
     B, H, W = f.shape
     degree = plan.degree if keep_basis else plan.c_phi.shape[0] - 1
     coef = plan.c_phi_padded if keep_basis else plan.c_phi
     u, phi_f = torch.empty_like(f), torch.empty_like(f)
     vy = f.new_empty(degree + 1, 2, B * H * W) if keep_basis else scratch
     if B:
-        kernel[(B,)](f, w, d, coef, f.new_full((1,), 2.0 / plan.radius), u, phi_f, vy, scratch, B, H, W, degree,
+        kernel[(B,)](f, planes, d, coef, f.new_full((1,), 2.0 / plan.radius), u, phi_f, vy, scratch, B, H, W, degree,
                      EIGHT_NEIGHBOURS=len(offsets) == 4, STORE_BASIS=keep_basis, BLOCK_N=block, **launch)
     return u, (vy if keep_basis else None), phi_f.reshape(-1)
 
 
 def _backward_triton(grad_u, w, d, vy, phi_f, plan, offsets):
-    kernel, block, launch, scratch = _launch("chebyshev_bwd_kernel", grad_u)
+    kernel, block, launch, planes, scratch = _launch("chebyshev_bwd_kernel", w, d, offsets)
     B, H, W = grad_u.shape
     grad_f, grad_d, grad_w = torch.empty_like(grad_u), torch.empty_like(grad_u), torch.empty_like(w)
     if B:
-        kernel[(B,)](grad_u, w, d, vy, phi_f, plan.coef, grad_u.new_full((1,), 2.0 / plan.radius),
+        kernel[(B,)](grad_u, planes, d, vy, phi_f, plan.coef, grad_u.new_full((1,), 2.0 / plan.radius),
                      grad_f, grad_w, grad_d, scratch, B, H, W, plan.degree,
                      PUBLISHED=plan.coef.shape[1] == 2, EIGHT_NEIGHBOURS=len(offsets) == 4, BLOCK_N=block, **launch)
-    return grad_f, grad_w, grad_d
+    valid, _ = grid_masks(H, W, 2 * len(offsets), w.dtype, w.device)
+    return grad_f, grad_w * valid, grad_d
 
 
 def _series_forward(f, w, d, plan, offsets, backend="torch", keep_basis=True):

@@ -231,5 +231,7 @@ class StencilReader:
         """factor times (grad_w [B, K, H, W], zero off the grid, grad_d [B, H, W])."""
         B, H, W = shape
         K = len(self.shifts)
-        pairs = self.pairs.reshape(K, -1, B * H * W).sum(1).reshape(K, B, H, W).transpose(0, 1)
-        return pairs * (valid * factor), self.diag.reshape(-1, B * H * W).sum(0).reshape(B, H, W) * factor
+        rows = tuple(range(self.diag.dim() - 1))              # the S rows, summed (none for flat p)
+        pairs = (self.pairs.sum(tuple(r + 1 for r in rows)) if rows else self.pairs).reshape(K, B, H, W)
+        diag = (self.diag.sum(rows) if rows else self.diag).reshape(B, H, W)
+        return pairs.transpose(0, 1) * (valid * factor), diag * factor
