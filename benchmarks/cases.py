@@ -178,8 +178,8 @@ def dense_cost(candidate: str, shape: dict) -> tuple[float, float] | None:
 
 def _over_budget(candidate, shape) -> str | None:
     if not ON_CUDA and candidate == "scm_structured_newton_schulz" and shape["H"] != 14:
-        # the GPU's route: on a CPU it is several times slower than the others already at 14 x 14
-        return ("not run: the dense Newton-Schulz route (the GPU's default) is timed on a CPU at 14 x 14 "
+        # on a CPU it is several times slower than the others already at 14 x 14
+        return ("not run: the dense Newton-Schulz route is timed on a CPU at 14 x 14 "
                 "only, to keep the run within 10 minutes")
     cost = dense_cost(candidate, shape) if "maps" in shape else None
     if cost is None or (cost[0] <= BUDGET["gflop"] and cost[1] <= BUDGET["saved_gb"]):

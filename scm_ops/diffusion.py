@@ -21,27 +21,24 @@ MATRIX_FREE_MAX_STEPS = 64
 LARGE_P_ROUTES = ("chebyshev", "spectral", "newton_schulz")
 
 
-# Off the CPU, grids up to this many cells take dense Newton-Schulz (see below).
-DENSE_MAX_CELLS_OFF_CPU = 1024
 # float64 inputs on grids up to this many cells take the spectral form by default
 # (ActivationDiffusion._large_p_route).
 FLOAT64_SPECTRAL_MAX_CELLS = 1024
 
 
 def default_large_p_route(device: torch.device, grid_size=None) -> str:
-    """The route of blocks with 2^p > MATRIX_FREE_MAX_STEPS on `device` for an (H, W) grid.
+    """The route of blocks with 2^p > MATRIX_FREE_MAX_STEPS on `device` for an (H, W) grid:
+    the Chebyshev series, on every device and grid.
 
-    CPU: the Chebyshev series at every grid, measured faster than the spectral form at
-    14 x 14 (B = 64), 28 x 28 (B = 16) and 56 x 56 (B = 4), C = 200, on every input family
-    (docs/structured.md, "Choosing a route"); its cost grows as N, the others' as N^3.
-    Other devices (not measured): dense Newton-Schulz up to DENSE_MAX_CELLS_OFF_CPU cells,
-    where its 2p batched products are a few large GPU kernels while the PyTorch series is
-    some 20 small kernel launches per degree; the Chebyshev series above, where N^3 work and
-    the N x N iterates kept for backward grow out of bounds. Without a grid: as for 14 x 14."""
-    if device.type == "cpu":
-        return "chebyshev"
-    cells = grid_size[0] * grid_size[1] if grid_size is not None else 196
-    return "newton_schulz" if cells <= DENSE_MAX_CELLS_OFF_CPU else "chebyshev"
+    CPU: measured faster than the spectral form at 14 x 14 (B = 64), 28 x 28 (B = 16) and
+    56 x 56 (B = 4), C = 200, on every input family (docs/structured.md, "Choosing a
+    route"); its cost grows as N, the others' as N^3. GPU (not measured: no GPU was
+    available): on the Triton backend one program per image runs each pass of the series
+    (grids up to chebyshev_max_cells: 1024 cells with 4 neighbours, 256 with 8; PyTorch
+    above), keeping O(N) per image where dense Newton-Schulz keeps 2p N x N iterates;
+    scripts/gpu_check.sh times every route side by side to settle it. `grid_size` is
+    accepted for a rule that depends on the grid."""
+    return "chebyshev"
 
 
 def _safe_div(num, den):
@@ -80,17 +77,18 @@ class ActivationDiffusion(nn.Module):
             "dense": the published dense formulation, run by scm_ops' three operators.
         backend: "triton", "torch" or None (SCM_OPS_BACKEND, else Triton kernels for CUDA
             tensors and PyTorch for the others). In the structured implementation the
-            neighbour cosines and the matrix-free blocks have Triton kernels; the Chebyshev
-            and spectral routes of the large-p block are PyTorch on both backends.
+            neighbour cosines, the matrix-free blocks and the Chebyshev series have Triton
+            kernels; the spectral route of the large-p block is PyTorch on both backends.
         large_p_route: how the structured implementation runs blocks with 2^p > 64 steps
             (the p = 16 block): "chebyshev" (a Chebyshev series in L^2: cost and memory
             linear in N, degree proportional to the Gershgorin bound R of L, so cheaper
-            on smooth or positive semantic maps; PyTorch on both backends), "spectral"
+            on smooth or positive semantic maps; one Triton program per image on the
+            Triton backend), "spectral"
             (eigh and the closed-form derivative, O(N^3)), "newton_schulz" (dense
             Newton-Schulz on the L of the stencil, scm_ops' operator, Triton products on
             the Triton backend) or None: default_large_p_route(device, grid), i.e.
-            Chebyshev on the CPU, Newton-Schulz off the CPU up to 32 x 32 cells; float64
-            inputs up to 32 x 32 cells take the spectral form (exact up to rounding).
+            Chebyshev, except that float64 inputs up to 32 x 32 cells take the spectral
+            form (exact up to rounding).
 
     Shapes:
         forward(attention, semantic): attention [B, N] or [B, H, W], semantic [B, C, H, W];

@@ -6,8 +6,9 @@
 Sections, in order (each check PASS or FAIL with its numbers; a check that cannot run on
 this machine says "skipped" and why):
 
-1. The structured path of ActivationDiffusion on the Triton backend (neighbour-cosine and
-   matrix-free series kernels, and every route of the p = 16 block) on grids 14x14, 32x32,
+1. The structured path of ActivationDiffusion on the Triton backend (neighbour-cosine,
+   matrix-free series and Chebyshev series kernels, and every route of the p = 16 block;
+   8-neighbour grids above 256 cells run the Chebyshev series in PyTorch) on grids 14x14, 32x32,
    20x20, 7x7, 1x5, 4 and 8 neighbours, float32 and float64, both gradient semantics:
    `repeats` runs of forward + backward must be bitwise equal (the kernels use no atomics),
    and agree with backend="torch".
