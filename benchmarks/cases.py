@@ -11,7 +11,7 @@ formulations at 56 x 56 on a CPU) is left out too and listed in NOT_RUN with the
 the report prints those rows.
 
 The ActivationDiffusion group runs on three families of semantic maps S0
-(`semantic_maps`), because the published stack's speed depends on its input: positive maps
+(`scm_ops.testing.semantic_maps`), because the published stack's speed depends on its input: positive maps
 make part of its Newton-Schulz iterates subnormal, which slows x86 BLAS down about 2x.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 import scm_ops
 from scm_ops.reference import (activation_diffusion_ref, cosine_similarity_ref,
                                newton_schulz_inverse_ref, spatial_semantic_laplacian_ref)
+from scm_ops.testing import MAP_FAMILIES, semantic_maps
 
 ALPHA = 0.002
 NS_ITERATIONS = 4  # the published p of blocks 2-4; see the README for why not 16
@@ -35,33 +36,6 @@ ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 
 # -- inputs -------------------------------------------------------------------------------
-
-MAP_FAMILIES = ("signed_iid", "signed_smooth", "positive")
-
-
-def semantic_maps(family: str, batch: int, channels: int, height: int, width: int,
-                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Semantic maps S0 [batch, channels, height, width] of one input family (on the CPU).
-
-    - "signed_iid": i.i.d. standard normal entries.
-    - "signed_smooth": standard normal entries averaged over the 5 x 5 window of grid cells
-      around each cell (the window clipped at the border), then divided by the standard
-      deviation of the whole tensor: signed, with neighbouring cells correlated, as the
-      3 x 3 convolution output that S0 is in SCM.
-    - "positive": absolute values of standard normal entries.
-
-    The same generator state gives the same draw for every family.
-    """
-    if family not in MAP_FAMILIES:
-        raise ValueError(f"family must be one of {MAP_FAMILIES}, got {family!r}")
-    x = torch.randn(batch, channels, height, width, generator=generator, dtype=dtype)
-    if family == "positive":
-        return x.abs()
-    if family == "signed_smooth":
-        x = torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
-        return x / x.std()
-    return x
-
 
 def _inputs(group, shape):
     g = torch.Generator().manual_seed(0)

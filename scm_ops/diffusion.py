@@ -8,8 +8,8 @@ from ._common import (assert_finite, autocasting, check_float_tensor, check_same
                       compute_dtype, resolve_backend, without_autocast)
 from .cosine import cosine_similarity
 from .laplacian import spatial_semantic_laplacian
-from .newton_schulz import (NewtonSchulzDivergenceError, assert_block_converges, assert_stencil_converges,
-                            newton_schulz_inverse)
+from .newton_schulz import (NewtonSchulzDivergenceError, assert_block_converges, assert_dense_converges,
+                            assert_stencil_converges, newton_schulz_inverse)
 from .structured import (OFFSETS, GradSlot, NeighbourCosine, ScalePatches, SpectralFilter, Stencil,
                          chebyshev_filter, grid_masks, stencil_series, stencil_to_dense)
 
@@ -252,9 +252,11 @@ class ActivationDiffusion(nn.Module):
                     self._check_convergence_stencil(w, d, offsets, block, lam[block])
                 u = stencil_series(f, w, d, self.alpha, p, offsets, self.exact_gradients, backend)
             elif (route := self._large_p_route(s)) == "chebyshev":
-                if checks_enabled():
-                    self._check_convergence_stencil(w, d, offsets, block, lam[block])
-                u = chebyshev_filter(f, w, d, self.alpha, p, offsets, self.exact_gradients, backend)
+                # the check's bound on sigma_max(L) is the series' radius: computed once, and
+                # the check runs before the series in a compiled graph too (it names the block)
+                sigma = (self._check_convergence_stencil(w, d, offsets, block, lam[block]) if checks_enabled()
+                         else None)
+                u = chebyshev_filter(f, w, d, self.alpha, p, offsets, self.exact_gradients, backend, sigma)
             elif route == "spectral":
                 u, eigenvalues = SpectralFilter.apply(f, w, d, self.alpha, p, offsets, self.exact_gradients)
                 if checks_enabled():
@@ -292,18 +294,19 @@ class ActivationDiffusion(nn.Module):
 
     def _newton_schulz_apply(self, L, f, p, block, lam, backend):
         """u = M F with M = X_p^T from Newton-Schulz on a block's dense L [B, N, N], for
-        f [B, H, W]; names the block if the iteration diverges."""
-        try:
-            x = newton_schulz_inverse(L, p, self.alpha, detach_init=not self.exact_gradients, backend=backend)
-        except NewtonSchulzDivergenceError as err:
-            raise NewtonSchulzDivergenceError(f"block {block} (lam={float(lam.detach()):.4g}): {err}") from None
+        f [B, H, W]. The convergence check names the block and its lam, in eager mode and
+        in a compiled graph (a custom operator), before the operator's own check."""
+        if checks_enabled() and p > 0:
+            L = assert_dense_converges(self._check_token, L, lam, self.alpha, block)
+        x = newton_schulz_inverse(L, p, self.alpha, detach_init=not self.exact_gradients, backend=backend)
         return (x.transpose(1, 2) @ f.reshape(*L.shape[:2], 1)).reshape(f.shape)
 
     # -- divergence detection ----------------------------------------------------------
     def _check_convergence_stencil(self, w, d, offsets, block, lam):
         """Raise NewtonSchulzDivergenceError, naming the block and its lam, if the stencil L
-        (w, d) makes Newton-Schulz diverge (a custom operator: kept in a compiled graph)."""
-        assert_stencil_converges(self._check_token, w, d, lam, self.alpha, block, 2 * len(offsets))
+        (w, d) makes Newton-Schulz diverge (a custom operator: kept in a compiled graph);
+        returns the bound on sigma_max(L) per item, [B] float64."""
+        return assert_stencil_converges(self._check_token, w, d, lam, self.alpha, block, 2 * len(offsets))
 
     def _raise_if_divergent(self, sigma, block, lam):
         """The same for a block whose sigma_max(L) per item, sigma [B], is known."""

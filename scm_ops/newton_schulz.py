@@ -104,19 +104,23 @@ def spectral_norm_bound(l: torch.Tensor) -> torch.Tensor:
     return (a.sum(2).amax(1) * a.sum(1).amax(1)).sqrt()
 
 
+def sigma_max_screen(l: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per batch item [B], float64: sigma_max(L) where it matters for convergence. The
+    Gershgorin bound screens the batch in one pass; only items it cannot clear
+    (alpha bound^2 >= 2) get an exact sigma_max (an SVD); the others keep the bound."""
+    bound = spectral_norm_bound(l).to(torch.float64)
+    suspects = torch.nonzero(alpha * bound * bound >= 2).flatten()
+    if suspects.numel():
+        bound[suspects] = torch.linalg.matrix_norm(l[suspects].detach().double(), ord=2)
+    return bound
+
+
 def check_convergence(l: torch.Tensor, alpha: float) -> None:
     """Raise NewtonSchulzDivergenceError where alpha * sigma_max(L)^2 >= 2.
 
     The residual obeys I - X_k L = (I - alpha L^T L)^(2^k), so the iteration converges iff
-    alpha sigma_max^2 < 2. The Gershgorin bound screens the batch in one pass; only items it
-    cannot clear get an exact sigma_max (an SVD), so a false alarm is impossible."""
-    bound = spectral_norm_bound(l)
-    suspects = torch.nonzero(alpha * bound * bound >= 2).flatten()
-    if suspects.numel() == 0:
-        return
-    sigma = torch.zeros_like(bound, dtype=torch.float64)
-    sigma[suspects] = torch.linalg.matrix_norm(l[suspects].double(), ord=2)
-    problem = divergence(sigma, alpha)
+    alpha sigma_max^2 < 2; sigma_max_screen makes a false alarm impossible."""
+    problem = divergence(sigma_max_screen(l, alpha), alpha)
     if problem:
         raise NewtonSchulzDivergenceError(f"newton_schulz_inverse diverges: {problem}. Lower alpha, or "
                                           "rescale L (in SCM: keep lam near 1).")
@@ -164,20 +168,49 @@ def _(token, sigma, lam, alpha, block):
 
 @torch.library.custom_op("scm_ops::assert_stencil_converges", mutates_args=("token",))
 def _assert_stencil_converges_op(token: torch.Tensor, w: torch.Tensor, d: torch.Tensor, lam: torch.Tensor,
-                                 alpha: float, block: int, connectivity: int) -> None:
+                                 alpha: float, block: int, connectivity: int) -> torch.Tensor:
     """Raise NewtonSchulzDivergenceError if the symmetric stencil L (w [B, K, H, W], d [B, H, W],
     docs/maths.md, "The stencil") makes Newton-Schulz diverge: the Gershgorin bound (max
     absolute row sum) screens the batch; items it cannot clear get their exact sigma_max
-    from the eigenvalues of the dense L, in float64."""
+    from the eigenvalues of the dense L, in float64. Returns that bound, [B] float64 (the
+    Chebyshev series takes its radius from it)."""
     from .structured.stencil import OFFSETS, sigma_max_bound
     with without_autocast(w.device):
         sigma = sigma_max_bound(w, d, OFFSETS[connectivity], alpha)
     _raise_if_divergent_block(sigma, alpha, block, lam)
+    return sigma
 
 
 @_assert_stencil_converges_op.register_fake
 def _(token, w, d, lam, alpha, block, connectivity):
-    return None
+    return w.new_empty(w.shape[0], dtype=torch.float64)
+
+
+@torch.library.custom_op("scm_ops::assert_dense_converges", mutates_args=("token",))
+def _assert_dense_converges_op(token: torch.Tensor, l: torch.Tensor, lam: torch.Tensor, alpha: float,
+                               block: int) -> torch.Tensor:
+    """Raise NewtonSchulzDivergenceError, naming the block and its lam, if the dense L
+    [B, N, N] makes Newton-Schulz diverge (sigma_max_screen). Returns a 0-d zero of L's
+    dtype, for the caller to add to L where it needs the check ordered first."""
+    with without_autocast(l.device):
+        sigma = sigma_max_screen(l, alpha)
+    _raise_if_divergent_block(sigma, alpha, block, lam)
+    return l.new_zeros(())
+
+
+@_assert_dense_converges_op.register_fake
+def _(token, l, lam, alpha, block):
+    return l.new_zeros(())
+
+
+def assert_dense_converges(token: torch.Tensor, l: torch.Tensor, lam: torch.Tensor, alpha: float,
+                           block: int) -> torch.Tensor:
+    """ActivationDiffusion's check of a block given as a dense L [B, N, N]. Returns L, with
+    the check's 0-d zero added under torch.compile: that data dependency orders the check
+    (and its error naming the block) before whatever consumes L, which a token alone does
+    not."""
+    zero = _assert_dense_converges_op(token, l.detach(), lam.detach(), alpha, block)
+    return l + zero if torch.compiler.is_compiling() else l
 
 
 def assert_block_converges(token: torch.Tensor, sigma: torch.Tensor, lam: torch.Tensor, alpha: float,
@@ -187,9 +220,11 @@ def assert_block_converges(token: torch.Tensor, sigma: torch.Tensor, lam: torch.
 
 
 def assert_stencil_converges(token: torch.Tensor, w: torch.Tensor, d: torch.Tensor, lam: torch.Tensor,
-                             alpha: float, block: int, connectivity: int) -> None:
-    """ActivationDiffusion's check of a block given as a stencil (w, d)."""
-    _assert_stencil_converges_op(token, w.detach(), d.detach(), lam.detach(), alpha, block, connectivity)
+                             alpha: float, block: int, connectivity: int) -> torch.Tensor:
+    """ActivationDiffusion's check of a block given as a stencil (w, d); returns the bound on
+    sigma_max(L) per item it checked, [B] float64. Passing it on to the operator that needs
+    it also orders the check before that operator in a compiled graph."""
+    return _assert_stencil_converges_op(token, w.detach(), d.detach(), lam.detach(), alpha, block, connectivity)
 
 
 # ---------------------------------------------------------------- registered operators

@@ -1,4 +1,5 @@
-"""Error measures shared by the tests and benchmarks."""
+"""Error measures, tolerances and inputs (random stencils, the semantic-map families) shared
+by the tests and benchmarks."""
 from __future__ import annotations
 
 import torch
@@ -109,3 +110,31 @@ def random_stencil(batch, connectivity, dtype, device, seed=0, grid=STENCIL_GRID
                     w[:, k, r, c] = 0
     d = 0.5 * torch.rand(batch, *grid, generator=g, dtype=dtype)
     return w.to(device), d.to(device)
+
+
+# -- semantic maps S0 of the input families the benchmarks and tests run on -----------------
+MAP_FAMILIES = ("signed_iid", "signed_smooth", "positive")
+
+
+def semantic_maps(family: str, batch: int, channels: int, height: int, width: int,
+                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Semantic maps S0 [batch, channels, height, width] of one input family (on the CPU).
+
+    - "signed_iid": i.i.d. standard normal entries.
+    - "signed_smooth": standard normal entries averaged over the 5 x 5 window of grid cells
+      around each cell (the window clipped at the border), then divided by the standard
+      deviation of the whole tensor: signed, with neighbouring cells correlated, as the
+      3 x 3 convolution output that S0 is in SCM.
+    - "positive": absolute values of standard normal entries.
+
+    The same generator state gives the same draw for every family.
+    """
+    if family not in MAP_FAMILIES:
+        raise ValueError(f"family must be one of {MAP_FAMILIES}, got {family!r}")
+    x = torch.randn(batch, channels, height, width, generator=generator, dtype=dtype)
+    if family == "positive":
+        return x.abs()
+    if family == "signed_smooth":
+        x = torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
+        return x / x.std()
+    return x

@@ -12,6 +12,7 @@ from scm_ops.newton_schulz import NewtonSchulzDivergenceError
 from scm_ops.reference import newton_schulz_inverse_ref
 from scm_ops.structured.chebyshev import (DEGREE_TOLERANCE, ChebyshevFilter, chebyshev_coefficients,
                                           chebyshev_max_cells, rounded_radius, series_radius)
+from scm_ops.structured.stencil import sigma_max_bound
 from scm_ops.testing import STENCIL_OFFSETS, assert_rel_rmse, dense_laplacian, random_stencil
 
 OFFSETS = STENCIL_OFFSETS
@@ -134,20 +135,38 @@ def test_radius_uses_sigma_where_gershgorin_is_loose_and_divergence_raises():
 def test_custom_operator_matches_function_and_passes_opcheck():
     """scm_ops::chebyshev_filter (what torch.compile calls; its backward recomputes the
     basis) gives the Function's values and gradients, both semantics (same arithmetic:
-    measured 0), and passes torch.library.opcheck (schema, fake tensor, autograd
-    registration)."""
+    measured 0), with the radius computed inside or given as the divergence check's bound
+    (sigma), and passes torch.library.opcheck (schema, fake tensor, autograd registration)."""
     offsets = OFFSETS[4]
     w, d = random_stencil(2, 4, torch.float64, "cpu", grid=(5, 6))
     f = torch.rand(2, 5, 6, dtype=torch.float64)
     weights = torch.randn(2, 5, 6, dtype=torch.float64)
-    for exact in (False, True):
-        ours = values_and_gradients(lambda *x: torch.ops.scm_ops.chebyshev_filter(*x, 0.002, 12, 4, exact, "torch"),
-                                    f, w, d, weights)
+    bound = sigma_max_bound(w, d, offsets, 0.002)
+    for exact, sigma in ((False, None), (True, bound)):
+        ours = values_and_gradients(
+            lambda *x: torch.ops.scm_ops.chebyshev_filter(*x, 0.002, 12, 4, exact, "torch", sigma), f, w, d, weights)
         ref = values_and_gradients(lambda *x: ChebyshevFilter.apply(*x, 0.002, 12, offsets, exact), f, w, d, weights)
         for name, a, r in zip(("u", "dF", "dw", "dd"), ours, ref):
             assert_rel_rmse(a, r, 1e-14, name)
         leaves = [t.clone().requires_grad_() for t in (f, w, d)]
-        torch.library.opcheck(torch.ops.scm_ops.chebyshev_filter, (*leaves, 0.002, 12, 4, exact, "torch"))
+        torch.library.opcheck(torch.ops.scm_ops.chebyshev_filter, (*leaves, 0.002, 12, 4, exact, "torch", sigma))
+
+
+def test_given_sigma_sets_the_radius_and_diverging_sigma_raises():
+    """A bound passed as sigma is the one the series uses (a larger one: a larger radius and
+    degree); a bound that fails the convergence test raises."""
+    offsets = OFFSETS[4]
+    w, d = random_stencil(1, 4, torch.float64, "cpu", grid=(4, 4))
+    f = torch.rand(1, 4, 4, dtype=torch.float64)
+    own, given = {}, {}
+    bound = sigma_max_bound(w, d, offsets, 0.002)
+    with torch.no_grad():
+        ChebyshevFilter.apply(f, w, d, 0.002, 16, offsets, True, own)
+        ChebyshevFilter.apply(f, w, d, 0.002, 16, offsets, True, given, "torch", 2 * bound)
+    assert own["radius"] == rounded_radius(float(bound[0]))
+    assert given["radius"] == rounded_radius(2 * float(bound[0])) and given["degree_phi"] > own["degree_phi"]
+    with pytest.raises(NewtonSchulzDivergenceError, match="batch item 0"):
+        ChebyshevFilter.apply(f, w, d, 0.002, 16, offsets, True, None, "torch", torch.full((1,), 40.0))
 
 
 # -- the Triton kernels against the PyTorch path ------------------------------------------

@@ -57,12 +57,20 @@ def test_opcheck_check_operators():
     torch.library.opcheck(ops.assert_finite.default, (token, torch.randn(3), "x"))
     torch.library.opcheck(ops.assert_block_converges.default, (token, torch.rand(2), lam, 0.002, 0))
     torch.library.opcheck(ops.assert_stencil_converges.default, (token, w, d, lam, 0.002, 1, 4))
+    dense = 0.1 * torch.randn(2, 5, 5)
+    torch.library.opcheck(ops.assert_dense_converges.default, (token, dense, lam, 0.002, 3))
+    # the stencil check returns its bound on sigma_max (the series' radius), the dense one a 0-d zero
+    assert torch.equal(ops.assert_stencil_converges(token, w, d, lam, 0.002, 1, 4),
+                       scm_ops.structured.stencil.sigma_max_bound(w, d, ((0, 1), (1, 0)), 0.002))
+    assert torch.equal(ops.assert_dense_converges(token, dense, lam, 0.002, 3), torch.zeros(()))
     with pytest.raises(ValueError, match="x contains NaN"):
         ops.assert_finite(token, torch.tensor([0.0, float("nan")]), "x")
     with pytest.raises(scm_ops.NewtonSchulzDivergenceError, match="block 2: lam=1 .* batch item 1"):
         ops.assert_block_converges(token, torch.tensor([1.0, 40.0]), lam, 0.002, 2)
     with pytest.raises(scm_ops.NewtonSchulzDivergenceError, match="block 1: lam=1 .* batch item 0"):
         ops.assert_stencil_converges(token, w, d * 100, lam, 0.002, 1, 4)
+    with pytest.raises(scm_ops.NewtonSchulzDivergenceError, match="block 3: lam=1 .* batch item 1"):
+        ops.assert_dense_converges(token, torch.stack([dense[0], 40 * torch.eye(5)]), lam, 0.002, 3)
 
 
 def scm_block(s, lam):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -115,13 +115,14 @@ def chebyshev_coefficients(radius: float, alpha: float, iterations: int, toleran
     return _coefficients_cached(rounded_radius(radius), float(alpha), int(iterations), float(tolerance))
 
 
-def series_radius(w: torch.Tensor, d: torch.Tensor, offsets, alpha: float) -> float:
+def series_radius(w: torch.Tensor, d: torch.Tensor, offsets, alpha: float, sigma: torch.Tensor | None = None) -> float:
     """A bound R on the spectral radius of every L of the batch (one float: the series runs
     on the whole batch at once): the largest Gershgorin bound max_n sum_m |L[n, m]|, or,
     for images where that bound is too loose to show convergence (alpha R^2 >= 2),
-    sigma_max(L) from a float64 eigvalsh. Raises NewtonSchulzDivergenceError if an image's
-    iteration diverges (alpha sigma_max^2 >= 2): its series would not converge."""
-    bound = sigma_max_bound(w, d, offsets, alpha)
+    sigma_max(L) from a float64 eigvalsh (sigma_max_bound; `sigma` [B], when given, is that
+    bound already computed, e.g. by the divergence check). Raises NewtonSchulzDivergenceError
+    if an image's iteration diverges (alpha sigma_max^2 >= 2): its series would not converge."""
+    bound = sigma_max_bound(w, d, offsets, alpha) if sigma is None else sigma.detach().to(torch.float64)
     problem = divergence(bound, alpha)
     if problem:
         raise NewtonSchulzDivergenceError(problem)
@@ -204,11 +205,11 @@ def _plan_cached(radius, alpha, iterations, tolerance, exact, device):
     return SeriesPlan(radius, c_phi.to(device), coef[:, 0].contiguous().to(device), coef.to(device), degree)
 
 
-def _series_plan(w, d, alpha, iterations, offsets, exact, dtype):
+def _series_plan(w, d, alpha, iterations, offsets, exact, dtype, sigma=None):
     """The SeriesPlan of a batch: its radius (one host sync), the forward coefficients and
     the basis degree n (phi's, or the larger of phi's and psi's when the published gradient
     needs psi too); cached per (R, alpha, p, tolerance, semantics, device)."""
-    radius = rounded_radius(series_radius(w, d, offsets, alpha))
+    radius = rounded_radius(series_radius(w, d, offsets, alpha, sigma))
     return _plan_cached(radius, float(alpha), int(iterations), DEGREE_TOLERANCE[dtype], bool(exact), w.device)
 
 
@@ -329,8 +330,8 @@ class ChebyshevFilter(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, f, w, d, alpha, iterations, offsets, exact, info=None, backend="torch"):
-        plan = _series_plan(w, d, alpha, iterations, offsets, exact, f.dtype)
+    def forward(ctx, f, w, d, alpha, iterations, offsets, exact, info=None, backend="torch", sigma=None):
+        plan = _series_plan(w, d, alpha, iterations, offsets, exact, f.dtype, sigma)
         dtype = f.dtype
         f, w, d = (t.to(WORKING_DTYPE) for t in (f, w, d))
         keep_basis = any(ctx.needs_input_grad[:3])
@@ -348,7 +349,7 @@ class ChebyshevFilter(torch.autograd.Function):
         w, d, vy, phi_f = ctx.saved_tensors
         plan, offsets, dtype, backend = ctx.args
         grads = _series_backward(grad_u.to(WORKING_DTYPE), w, d, vy, phi_f, plan, offsets, backend)
-        return (*(g.to(dtype) for g in grads), None, None, None, None, None, None)
+        return (*(g.to(dtype) for g in grads), None, None, None, None, None, None, None)
 
 
 # -- the same as custom operators, for torch.compile --------------------------------------
@@ -359,24 +360,24 @@ class ChebyshevFilter(torch.autograd.Function):
 
 @torch.library.custom_op("scm_ops::chebyshev_filter", mutates_args=())
 def _chebyshev_filter_op(f: torch.Tensor, w: torch.Tensor, d: torch.Tensor, alpha: float, iterations: int,
-                         connectivity: int, exact: bool, backend: str) -> torch.Tensor:
+                         connectivity: int, exact: bool, backend: str, sigma: Optional[torch.Tensor]) -> torch.Tensor:
     offsets = OFFSETS[connectivity]
-    plan = _series_plan(w, d, alpha, iterations, offsets, True, f.dtype)
+    plan = _series_plan(w, d, alpha, iterations, offsets, True, f.dtype, sigma)
     u = _series_forward(*(t.to(WORKING_DTYPE) for t in (f, w, d)), plan, offsets, backend, keep_basis=False)[0]
     return u.to(f.dtype).contiguous()
 
 
 @_chebyshev_filter_op.register_fake
-def _(f, w, d, alpha, iterations, connectivity, exact, backend):
+def _(f, w, d, alpha, iterations, connectivity, exact, backend, sigma):
     return f.new_empty(f.shape)
 
 
 @torch.library.custom_op("scm_ops::chebyshev_filter_backward", mutates_args=())
 def _chebyshev_filter_backward_op(grad_u: torch.Tensor, f: torch.Tensor, w: torch.Tensor, d: torch.Tensor,
-                                  alpha: float, iterations: int, connectivity: int, exact: bool,
-                                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  alpha: float, iterations: int, connectivity: int, exact: bool, backend: str,
+                                  sigma: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     offsets = OFFSETS[connectivity]
-    plan = _series_plan(w, d, alpha, iterations, offsets, exact, f.dtype)
+    plan = _series_plan(w, d, alpha, iterations, offsets, exact, f.dtype, sigma)
     dtype = f.dtype
     grad_u, f, w, d = (t.to(WORKING_DTYPE) for t in (grad_u, f, w, d))
     _, vy, phi_f = _series_forward(f, w, d, plan, offsets, backend)
@@ -385,31 +386,33 @@ def _chebyshev_filter_backward_op(grad_u: torch.Tensor, f: torch.Tensor, w: torc
 
 
 @_chebyshev_filter_backward_op.register_fake
-def _(grad_u, f, w, d, alpha, iterations, connectivity, exact, backend):
+def _(grad_u, f, w, d, alpha, iterations, connectivity, exact, backend, sigma):
     return f.new_empty(f.shape), w.new_empty(w.shape), d.new_empty(d.shape)   # contiguous, as the real ones
 
 
 def _setup_context(ctx, inputs, output):
-    f, w, d, alpha, iterations, connectivity, exact, backend = inputs
-    ctx.save_for_backward(f, w, d)
+    f, w, d, alpha, iterations, connectivity, exact, backend, sigma = inputs
+    ctx.save_for_backward(f, w, d, sigma)
     ctx.args = (alpha, iterations, connectivity, exact, backend)
 
 
 def _backward(ctx, grad_u):
-    f, w, d = ctx.saved_tensors
-    grads = _chebyshev_filter_backward_op(grad_u, f, w, d, *ctx.args)
-    return (*grads, None, None, None, None, None)
+    f, w, d, sigma = ctx.saved_tensors
+    grads = _chebyshev_filter_backward_op(grad_u, f, w, d, *ctx.args, sigma)
+    return (*grads, None, None, None, None, None, None)
 
 
 _chebyshev_filter_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def chebyshev_filter(f: torch.Tensor, w: torch.Tensor, d: torch.Tensor, alpha: float, iterations: int,
-                     offsets, exact: bool, backend: str = "torch") -> torch.Tensor:
+                     offsets, exact: bool, backend: str = "torch", sigma: torch.Tensor | None = None) -> torch.Tensor:
     """u = X_p F by the Chebyshev series (see ChebyshevFilter): the autograd Function in eager
     mode (the basis saved for backward), the custom operator under torch.compile (the basis
     recomputed in backward). `backend` "triton" runs the series in one program per image
-    (grids up to chebyshev_max_cells(connectivity) cells), "torch" in PyTorch."""
+    (grids up to chebyshev_max_cells(connectivity) cells), "torch" in PyTorch. `sigma` [B]:
+    sigma_max_bound of the stencil if already computed (the divergence check returns it)."""
     if torch.compiler.is_compiling():
-        return _chebyshev_filter_op(f, w, d, float(alpha), int(iterations), 2 * len(offsets), bool(exact), backend)
-    return ChebyshevFilter.apply(f, w, d, alpha, iterations, offsets, exact, None, backend)
+        return _chebyshev_filter_op(f, w, d, float(alpha), int(iterations), 2 * len(offsets), bool(exact), backend,
+                                    sigma)
+    return ChebyshevFilter.apply(f, w, d, alpha, iterations, offsets, exact, None, backend, sigma)
