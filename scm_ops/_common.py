@@ -137,14 +137,12 @@ def kernel_module(name: str):
             "(pip install .) and import it from outside the checkout.") from err
 
 
-def kernel_config(module, dtype: torch.dtype, kernel: str | None = None,
-                  block_n: int | None = None) -> tuple[dict, dict]:
+def kernel_config(module, dtype: torch.dtype, kernel: str | None = None) -> tuple[dict, dict]:
     """(constexpr block sizes, launch options) the launcher uses for `dtype`: from
     ``module.CONFIGS[kernel]`` when the kernel has a configuration of its own, else from the
     module's shared ``module.CONFIGS``; each maps "fp32" / "fp64" (the accumulation dtype)
-    to a dict of block sizes plus num_warps / num_stages. A launch option given as a dict
-    depends on the block size: it maps BLOCK_N (`block_n`) to the value."""
+    to a dict of block sizes plus num_warps / num_stages."""
     table = module.CONFIGS.get(kernel, module.CONFIGS) if kernel else module.CONFIGS
     cfg = dict(table["fp64" if dtype == torch.float64 else "fp32"])
     launch = {k: cfg.pop(k) for k in ("num_warps", "num_stages") if k in cfg}
-    return cfg, {k: v[block_n] if isinstance(v, dict) else v for k, v in launch.items()}
+    return cfg, launch

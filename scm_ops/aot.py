@@ -4,11 +4,11 @@ Each kernel module in ``scm_ops.kernels`` (and its sub-packages) declares, next 
 kernels, an ``AOT`` table: per kernel the types of its run-time arguments, the input dtypes
 its launcher passes and the values of every constexpr that varies at launch (block sizes
 the launcher derives from the input, flags), optionally with ``exclude``: combinations the
-launchers never make; ``CONFIGS`` gives the fixed block sizes and launch options (a launch
-option may map BLOCK_N to its value). This module compiles every combination for sm_80 (A100) and sm_90
-(H100/H200) with an explicit ``GPUTarget`` (no GPU needed), reads the resources of the
-compiled cubin (``cuobjdump --dump-resource-usage``: registers per thread, stack frame,
-shared memory) and checks them against budgets:
+launchers never make; ``CONFIGS`` gives the fixed block sizes and launch options. This
+module compiles every combination for sm_80 (A100) and sm_90 (H100/H200) with an explicit
+``GPUTarget`` (no GPU needed), reads the resources of the compiled cubin (``cuobjdump
+--dump-resource-usage``: registers per thread, stack frame, shared memory) and checks them
+against budgets:
 
 - shared memory within the chip's opt-in maximum per block;
 - no register spills: for a kernel with a stack frame the spill stores and loads are read
@@ -70,8 +70,7 @@ def variants(module, kernel_name: str):
             if missing:
                 raise RuntimeError(f"{kernel_name}: no value for constexpr {sorted(missing)}; add it to the "
                                    "kernel's CONFIGS or to the choices of its AOT entry")
-            yield dtype, constexprs, {k: v[constexprs["BLOCK_N"]] if isinstance(v, dict) else v
-                                      for k, v in options.items()}
+            yield dtype, constexprs, options
 
 
 def signature(module, kernel_name: str, dtype: str) -> dict:

@@ -2,10 +2,11 @@
 program per image for the whole series: the forward builds the basis v_k = T_k(Y) F,
 Y = I - Lh^2 / 2, Lh = (2/R) L, by its three-term recurrence and sums phi(Z) F = sum_k c_k v_k;
 the backward runs the recurrence in reverse (Clenshaw) on one or two adjoint streams and
-reads the gradient of L at the stencil entries as it goes. The vectors of an image stay in
-registers for all steps; the only memory traffic per step is the shifted reads of the
-stencil products (a per-image scratch row, cached), the basis written once by the forward
-and read once by the backward, and the gradient planes (accumulated in memory).
+reads the gradient of L at the stencil entries as it goes. The recurrence's vectors stay in
+registers for all steps; the memory traffic per step is the shifted reads of the stencil
+products (a per-image scratch row, cached), the basis (written once by the forward, read
+once by the backward), and in the backward the gradient planes and diagonal (accumulated
+in memory) and the two cotangent streams (re-read rather than held: fewer live registers).
 
 Everything runs in float64 (the launcher converts): the recurrence's rounding is amplified
 as the truncation error is, and float32 lost two digits against dense Newton-Schulz.

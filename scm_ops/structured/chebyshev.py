@@ -237,7 +237,7 @@ def _launch(kernel_name, w, d, offsets):
     B, K, H, W = w.shape
     N = H * W
     block = min(b for b in kern.BLOCK_N_CHOICES if b >= N)
-    _, launch = kernel_config(kern, torch.float64, kernel_name, block_n=block)
+    _, launch = kernel_config(kern, torch.float64, kernel_name)
     valid, _ = grid_masks(H, W, 2 * K, w.dtype, w.device)
     planes = w.new_zeros(B, 2 * K, block)
     planes[:, :K, :N] = (w * valid).reshape(B, K, N)
