@@ -125,12 +125,16 @@ def test_every_kernel_configuration_compiles_for_sm80_and_sm90(tmp_path):
     assert {r["kernel"] for r in rows} >= {"cosine_fwd_kernel", "cosine_bwd_kernel", "laplacian_fwd_kernel",
                                            "laplacian_bwd_kernel", "bmm_axpby_kernel",
                                            "neighbour_cosine_fwd_kernel", "neighbour_cosine_bwd_kernel",
-                                           "stencil_series_fwd_kernel", "stencil_series_bwd_kernel"}
-    # every block size the series launcher can choose is compiled, forward and backward
-    from scm_ops.kernels.structured.series import BLOCK_N_CHOICES
-    for direction in ("fwd", "bwd"):
-        sizes = {r["config"]["BLOCK_N"] for r in rows
-                 if r["kernel"] in (f"stencil_series_{direction}_kernel", f"stencil_series_{direction}_wide_kernel")}
-        assert sizes == set(BLOCK_N_CHOICES), (direction, sizes)
+                                           "stencil_series_fwd_kernel", "stencil_series_bwd_kernel",
+                                           "chebyshev_fwd_kernel", "chebyshev_bwd_kernel"}
+    # every block size the series launchers can choose is compiled, forward and backward, up
+    # to each kernel's 8-neighbour limit with 8 neighbours
+    from scm_ops.kernels.structured import chebyshev, series
+    for module, prefix in ((series, "stencil_series"), (chebyshev, "chebyshev")):
+        for direction in ("fwd", "bwd"):
+            for eight, limit in ((False, max(module.BLOCK_N_CHOICES)), (True, module.EIGHT_NEIGHBOUR_MAX_BLOCK_N)):
+                sizes = {r["config"]["BLOCK_N"] for r in rows if r["kernel"] == f"{prefix}_{direction}_kernel"
+                         and r["config"]["EIGHT_NEIGHBOURS"] == eight}
+                assert sizes == {b for b in module.BLOCK_N_CHOICES if b <= limit}, (prefix, direction, eight, sizes)
     over = [(r["kernel"], r["dtype"], r["sm"], r["config"], r["problems"]) for r in rows if r["problems"]]
     assert not over, over

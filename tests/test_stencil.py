@@ -49,7 +49,7 @@ def test_neighbour_cosine_gradcheck_torch_path(device, connectivity):
 @pytest.mark.parametrize("exact, connectivity, grid", [
     (False, 4, GRID), (True, 4, GRID), (False, 8, GRID), (True, 8, GRID),
     (True, 8, (1, 5)), (True, 8, (5, 1)), (True, 4, (1, 1)),          # degenerate grids
-    (False, 4, (23, 23)),                       # 529 cells: the wide Triton kernels (BLOCK_N 1024)
+    (False, 4, (23, 23)),                       # 529 cells: BLOCK_N 1024, flat offsets wrap at each row end
     (True, 8, (22, 22)),                        # 484 cells: 8 neighbours at BLOCK_N 512, the most on chip
 ], ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else str(v))
 def test_stencil_series_matches_dense_newton_schulz(device, backend, connectivity, exact, grid):

@@ -20,7 +20,7 @@ import torch
 
 from .._common import kernel_config, kernel_module
 from ..newton_schulz import NewtonSchulzDivergenceError, divergence
-from .stencil import OFFSETS, FlatStencil, StencilReader, grid_masks, sigma_max_bound
+from .stencil import OFFSETS, FlatStencil, StencilReader, flat_kernel_operands, grid_masks, sigma_max_bound
 
 __all__ = ["ChebyshevFilter", "chebyshev_filter", "chebyshev_coefficients", "chebyshev_max_cells", "series_radius",
            "DEGREE_TOLERANCE"]
@@ -228,29 +228,18 @@ def _chebyshev_backend(backend, f, offsets):
     return backend
 
 
-def _launch(kernel_name, w, d, offsets):
-    """(kernel, BLOCK_N, launch options, weight planes, scratch) for one image a program.
-    BLOCK_N: the smallest compiled block size that holds the grid. The planes [B, 2K, BLOCK_N]
-    are w_k, zero where n + o_k leaves the grid, then w_k shifted by the flat offset m_k;
-    the scratch [B, 3 BLOCK_N] is zeroed (kernels/structured/stencil.py, "the flat form")."""
+def _launch(kernel_name, w, offsets):
+    """(kernel, BLOCK_N, launch options, weight planes, scratch) for one image a program;
+    BLOCK_N: the smallest compiled block size that holds the grid (flat_kernel_operands)."""
     kern = kernel_module("structured.chebyshev")
-    B, K, H, W = w.shape
-    N = H * W
-    block = min(b for b in kern.BLOCK_N_CHOICES if b >= N)
+    block = min(b for b in kern.BLOCK_N_CHOICES if b >= w.shape[2] * w.shape[3])
     _, launch = kernel_config(kern, torch.float64, kernel_name)
-    valid, _ = grid_masks(H, W, 2 * K, w.dtype, w.device)
-    planes = w.new_zeros(B, 2 * K, block)
-    planes[:, :K, :N] = (w * valid).reshape(B, K, N)
-    for k, (dr, dc) in enumerate(offsets):
-        m = dr * W + dc
-        if 0 < m < N:
-            planes[:, K + k, m:N] = planes[:, k, :N - m]
-    return getattr(kern, kernel_name), block, launch, planes, d.new_zeros(B, 3 * block)
+    return (getattr(kern, kernel_name), block, launch, *flat_kernel_operands(w, offsets, block))
 
 
 def _forward_triton(f, w, d, plan, offsets, keep_basis):
     """chebyshev_fwd_kernel on float64 contiguous f [B, H, W], w [B, K, H, W], d [B, H, W]."""
-    kernel, block, launch, planes, scratch = _launch("chebyshev_fwd_kernel", w, d, offsets)
+    kernel, block, launch, planes, scratch = _launch("chebyshev_fwd_kernel", w, offsets)
     B, H, W = f.shape
     degree = plan.degree if keep_basis else plan.c_phi.shape[0] - 1
     coef = plan.c_phi_padded if keep_basis else plan.c_phi
@@ -263,7 +252,7 @@ def _forward_triton(f, w, d, plan, offsets, keep_basis):
 
 
 def _backward_triton(grad_u, w, d, vy, phi_f, plan, offsets):
-    kernel, block, launch, planes, scratch = _launch("chebyshev_bwd_kernel", w, d, offsets)
+    kernel, block, launch, planes, scratch = _launch("chebyshev_bwd_kernel", w, offsets)
     B, H, W = grad_u.shape
     grad_f, grad_d, grad_w = torch.empty_like(grad_u), torch.empty_like(grad_u), torch.empty_like(w)
     if B:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._common import kernel_config, kernel_module
-from .stencil import OFFSETS, FlatStencil, StencilReader, grid_masks
+from .stencil import OFFSETS, FlatStencil, StencilReader, flat_kernel_operands, grid_masks
 
 __all__ = ["StencilSeries", "series_max_cells", "stencil_series"]
 
@@ -71,35 +71,36 @@ def _series_backend(backend, f, offsets):
     return backend
 
 
-def _series_launch(f, direction):
-    """(kernel, grid, BLOCK_N, launch options, scratch [B, BLOCK_N]) for one image a
+def _series_launch(w, offsets, dtype, direction):
+    """(kernel, grid, BLOCK_N, launch options, weight planes, scratch) for one image a
     program; BLOCK_N is the smallest of the kernel's compiled block sizes that holds the
-    grid, and blocks above NARROW_MAX_BLOCK_N take the wide copy of the kernel (more warps)."""
+    grid (flat_kernel_operands)."""
     kern = kernel_module("structured.series")
-    block = min(b for b in kern.BLOCK_N_CHOICES if b >= f.shape[1] * f.shape[2])
-    name = f"stencil_series_{direction}{'_wide' if block > kern.NARROW_MAX_BLOCK_N else ''}_kernel"
-    _, launch = kernel_config(kern, f.dtype, name)
-    return getattr(kern, name), (f.shape[0],), block, launch, f.new_empty(f.shape[0], block)
+    block = min(b for b in kern.BLOCK_N_CHOICES if b >= w.shape[2] * w.shape[3])
+    name = f"stencil_series_{direction}_kernel"
+    _, launch = kernel_config(kern, dtype, name)
+    return (getattr(kern, name), (w.shape[0],), block, launch, *flat_kernel_operands(w, offsets, block))
 
 
 def _series_fwd_triton(f, w, d, alpha, steps, offsets):
-    kernel, grid, block, launch, scratch = _series_launch(f, "fwd")
+    kernel, grid, block, launch, planes, scratch = _series_launch(w, offsets, f.dtype, "fwd")
     B, H, W = f.shape
     u = torch.empty_like(f)
     xs, rs = f.new_empty(steps, B, H, W), f.new_empty(steps, B, H, W)
-    kernel[grid](f, w, d, u, xs, rs, scratch, f.new_full((1,), alpha), B, H, W, steps,
+    kernel[grid](f, planes, d, u, xs, rs, scratch, f.new_full((1,), alpha), B, H, W, steps,
                  EIGHT_NEIGHBOURS=len(offsets) == 4, BLOCK_N=block, **launch)
     return u, xs, rs
 
 
 def _series_bwd_triton(grad_u, w, d, xs, rs, alpha, offsets, exact):
-    kernel, grid, block, launch, scratch = _series_launch(grad_u, "bwd")
+    kernel, grid, block, launch, planes, scratch = _series_launch(w, offsets, grad_u.dtype, "bwd")
     B, H, W = grad_u.shape
     grad_f, grad_d = torch.empty_like(grad_u), torch.empty_like(grad_u)
     grad_w = torch.empty_like(w)
-    kernel[grid](grad_u, w, d, xs, rs, grad_f, grad_w, grad_d, scratch, grad_u.new_full((1,), alpha),
+    kernel[grid](grad_u, planes, d, xs, rs, grad_f, grad_w, grad_d, scratch, grad_u.new_full((1,), alpha),
                  B, H, W, xs.shape[0], EXACT=exact, EIGHT_NEIGHBOURS=len(offsets) == 4, BLOCK_N=block, **launch)
-    return grad_f, grad_w, grad_d
+    valid, _ = grid_masks(H, W, 2 * len(offsets), w.dtype, w.device)
+    return grad_f, grad_w * valid, grad_d       # the kernel leaves pairs across a row end to zero
 
 
 class StencilSeries(torch.autograd.Function):

@@ -16,8 +16,8 @@ import functools
 
 import torch
 
-__all__ = ["OFFSETS", "FlatStencil", "Stencil", "StencilReader", "grid_masks", "shift", "stencil_pair_sum", "stencil_to_dense",
-           "product_stencil_entries", "sigma_max_bound"]
+__all__ = ["OFFSETS", "FlatStencil", "Stencil", "StencilReader", "flat_kernel_operands", "grid_masks", "shift",
+           "stencil_pair_sum", "stencil_to_dense", "product_stencil_entries", "sigma_max_bound"]
 
 OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
 
@@ -235,3 +235,21 @@ class StencilReader:
         pairs = (self.pairs.sum(tuple(r + 1 for r in rows)) if rows else self.pairs).reshape(K, B, H, W)
         diag = (self.diag.sum(rows) if rows else self.diag).reshape(B, H, W)
         return pairs.transpose(0, 1) * (valid * factor), diag * factor
+
+
+def flat_kernel_operands(w: torch.Tensor, offsets, block: int):
+    """What the Triton kernels' flat stencil form (kernels/structured/stencil.py) reads, for
+    w [B, K, H, W] and blocks of `block` >= H W cells: the weight planes [B, 2K, block], w_k
+    zeroed where n + o_k leaves the grid and then w_k shifted by the flat offset
+    m_k = dr W + dc (w_k[n - m_k], 0 for n < m_k), and a zeroed scratch [B, 3 block] of w's
+    dtype."""
+    B, K, H, W = w.shape
+    N = H * W
+    valid, _ = grid_masks(H, W, 2 * K, w.dtype, w.device)
+    planes = w.new_zeros(B, 2 * K, block)
+    planes[:, :K, :N] = (w * valid).reshape(B, K, N)
+    for k, (dr, dc) in enumerate(offsets):
+        m = dr * W + dc
+        if 0 < m < N:
+            planes[:, K + k, m:N] = planes[:, k, :N - m]
+    return planes, w.new_zeros(B, 3 * block)
