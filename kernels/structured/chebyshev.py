@@ -14,7 +14,7 @@ as the truncation error is, and float32 lost two digits against dense Newton-Sch
 import triton
 import triton.language as tl
 
-from .stencil import _flat_add_pair_sums, _flat_matvec, _flat_publish
+from .stencil import _flat_add_pair_sums, _flat_image, _flat_matvec, _flat_publish
 
 # One program holds a whole grid: the launcher takes the smallest BLOCK_N here that holds
 # the grid's cells (up to 16 x 16, 22 x 22, 32 x 32); larger grids take the PyTorch series,
@@ -43,19 +43,6 @@ AOT = {
 
 
 @triton.jit
-def _image(d_ptr, planes_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's image b, its cells (offs, in-grid mask), the diagonal d, and pointers to
-    the image's 2K weight planes [2K, BLOCK_N] and to the middle of its scratch row."""
-    K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
-    N = H * W
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_N)
-    inside = offs < N
-    d = tl.load(d_ptr + b * N + offs, mask=inside, other=0.0)
-    return b, offs, inside, d, planes_ptr + b * 2 * K * BLOCK_N, scratch_ptr + (3 * b + 1) * BLOCK_N
-
-
-@triton.jit
 def chebyshev_fwd_kernel(
     f_ptr, planes_ptr, d_ptr, coef_ptr, scale_ptr, u_ptr, phi_f_ptr, basis_ptr, scratch_ptr, B, H, W, DEGREE,
     EIGHT_NEIGHBOURS: tl.constexpr, STORE_BASIS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -67,7 +54,8 @@ def chebyshev_fwd_kernel(
     the PyTorch path). planes [B, 2K, BLOCK_N] and a zeroed scratch [B, 3 BLOCK_N] as
     described in stencil.py's flat form. Grid (B,)."""
     N = H * W
-    b, offs, inside, d, planes_ptr, scratch_ptr = _image(d_ptr, planes_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS, BLOCK_N)
+    b, offs, inside, d, planes_ptr, scratch_ptr = _flat_image(d_ptr, planes_ptr, scratch_ptr, H, W,
+                                                              EIGHT_NEIGHBOURS, BLOCK_N)
     scale = tl.load(scale_ptr)
     v_prev = tl.load(f_ptr + b * N + offs, mask=inside, other=0.0)
     y = scale * _flat_matvec(scratch_ptr, planes_ptr, d, v_prev, offs, inside, W, EIGHT_NEIGHBOURS, BLOCK_N)
@@ -134,7 +122,8 @@ def chebyshev_bwd_kernel(
     S: tl.constexpr = 2 if PUBLISHED else 1
     K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
     N = H * W
-    b, offs, inside, d, planes_ptr, scratch_ptr = _image(d_ptr, planes_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS, BLOCK_N)
+    b, offs, inside, d, planes_ptr, scratch_ptr = _flat_image(d_ptr, planes_ptr, scratch_ptr, H, W,
+                                                              EIGHT_NEIGHBOURS, BLOCK_N)
     scale = tl.load(scale_ptr)
     g = tl.load(grad_u_ptr + b * N + offs, mask=inside, other=0.0)
     grad_w_ptr += b * K * N

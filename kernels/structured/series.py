@@ -3,7 +3,7 @@ and the vectors in registers for all steps; forward and backward (both gradient 
 import triton
 import triton.language as tl
 
-from .stencil import _flat_add_pair_sums, _flat_matvec
+from .stencil import _flat_add_pair_sums, _flat_image, _flat_matvec
 
 # One program holds a whole grid: the launcher takes the smallest BLOCK_N here that holds
 # the grid's cells (up to 16 x 16, 22 x 22, 32 x 32); larger grids run in PyTorch, and so
@@ -33,22 +33,6 @@ AOT = {
 
 
 @triton.jit
-def _series_program(alpha_ptr, d_ptr, planes_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """This program's image b and cells (offs, in-grid mask), alpha, the diagonal d, and
-    pointers to the image's weight planes [2K, BLOCK_N] and to the middle of its scratch row
-    (the flat form of stencil.py)."""
-    K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
-    N = H * W
-    b = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_N)
-    inside = offs < N
-    d = tl.load(d_ptr + b * N + offs, mask=inside, other=0.0)
-    return (b, offs, inside, tl.load(alpha_ptr), d, planes_ptr + b * 2 * K * BLOCK_N,
-            scratch_ptr + (3 * b + 1) * BLOCK_N)
-
-
-@triton.jit
 def stencil_series_fwd_kernel(
     f_ptr, planes_ptr, d_ptr, u_ptr, xs_ptr, rs_ptr, scratch_ptr, alpha_ptr, B, H, W, STEPS,
     EIGHT_NEIGHBOURS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -58,8 +42,9 @@ def stencil_series_fwd_kernel(
     and a zeroed scratch [B, 3 BLOCK_N] (stencil.py, the flat form); alpha is a one-element
     tensor of the vectors' dtype (a float argument would be fp32)."""
     N = H * W
-    b, offs, inside, alpha, d, planes_ptr, scratch_ptr = _series_program(
-        alpha_ptr, d_ptr, planes_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS, BLOCK_N)
+    b, offs, inside, d, planes_ptr, scratch_ptr = _flat_image(d_ptr, planes_ptr, scratch_ptr, H, W,
+                                                              EIGHT_NEIGHBOURS, BLOCK_N)
+    alpha = tl.load(alpha_ptr)
     f = tl.load(f_ptr + b * N + offs, mask=inside, other=0.0)
     x = tl.zeros_like(f)
     for j in range(STEPS):
@@ -84,8 +69,9 @@ def stencil_series_bwd_kernel(
     are left for the launcher to zero. Grid (B,)."""
     K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
     N = H * W
-    b, offs, inside, alpha, d, planes_ptr, scratch_ptr = _series_program(
-        alpha_ptr, d_ptr, planes_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS, BLOCK_N)
+    b, offs, inside, d, planes_ptr, scratch_ptr = _flat_image(d_ptr, planes_ptr, scratch_ptr, H, W,
+                                                              EIGHT_NEIGHBOURS, BLOCK_N)
+    alpha = tl.load(alpha_ptr)
     a = tl.load(grad_u_ptr + b * N + offs, mask=inside, other=0.0)
     grad_f = tl.zeros_like(a)
     grad_d = tl.zeros_like(a)

@@ -37,6 +37,20 @@ def _shifted(ptr, r, c, H, W, dr: tl.constexpr, dc: tl.constexpr):
 # mask or index arithmetic of its own. Fewer live masks and indices: fewer registers.
 
 @triton.jit
+def _flat_image(d_ptr, planes_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For one program per image: this program's image b, its cells (offs, in-grid mask), the
+    diagonal d, and pointers to the image's 2K weight planes [2K, BLOCK_N] and to the middle
+    of its scratch row."""
+    K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
+    N = H * W
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    inside = offs < N
+    d = tl.load(d_ptr + b * N + offs, mask=inside, other=0.0)
+    return b, offs, inside, d, planes_ptr + b * 2 * K * BLOCK_N, scratch_ptr + (3 * b + 1) * BLOCK_N
+
+
+@triton.jit
 def _flat_publish(scratch_ptr, offs, x):
     """Write x (zero on the lanes past the grid) to the middle third of the scratch row."""
     tl.debug_barrier()  # every read of the previous vector is done

@@ -18,9 +18,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._common import kernel_config, kernel_module
 from ..newton_schulz import NewtonSchulzDivergenceError, divergence
-from .stencil import OFFSETS, FlatStencil, StencilReader, flat_kernel_operands, grid_masks, sigma_max_bound
+from .stencil import (OFFSETS, FlatStencil, StencilReader, flat_launch, grid_masks, program_backend,
+                      program_max_cells, sigma_max_bound)
 
 __all__ = ["ChebyshevFilter", "chebyshev_filter", "chebyshev_coefficients", "chebyshev_max_cells", "series_radius",
            "DEGREE_TOLERANCE"]
@@ -215,26 +215,16 @@ def _series_plan(w, d, alpha, iterations, offsets, exact, dtype, sigma=None):
 
 def chebyshev_max_cells(connectivity: int = 4) -> int:
     """The largest grid (cells) one Triton program holds for the series with 4 or 8
-    neighbours; larger grids take the PyTorch series on the Triton backend."""
-    kern = kernel_module("structured.chebyshev")
-    largest = max(kern.BLOCK_N_CHOICES)
-    return min(largest, kern.EIGHT_NEIGHBOUR_MAX_BLOCK_N) if connectivity == 8 else largest
+    neighbours (1024 and 256); larger grids take the PyTorch series on the Triton backend."""
+    return program_max_cells("structured.chebyshev", connectivity)
 
 
 def _chebyshev_backend(backend, f, offsets):
-    """The backend the series runs on: Triton only where one program holds the grid."""
-    if backend == "triton" and f.shape[1] * f.shape[2] > chebyshev_max_cells(2 * len(offsets)):
-        return "torch"
-    return backend
+    return program_backend(backend, f.shape[1] * f.shape[2], offsets, "structured.chebyshev")
 
 
 def _launch(kernel_name, w, offsets):
-    """(kernel, BLOCK_N, launch options, weight planes, scratch) for one image a program;
-    BLOCK_N: the smallest compiled block size that holds the grid (flat_kernel_operands)."""
-    kern = kernel_module("structured.chebyshev")
-    block = min(b for b in kern.BLOCK_N_CHOICES if b >= w.shape[2] * w.shape[3])
-    _, launch = kernel_config(kern, torch.float64, kernel_name)
-    return (getattr(kern, kernel_name), block, launch, *flat_kernel_operands(w, offsets, block))
+    return flat_launch("structured.chebyshev", kernel_name, w, offsets, torch.float64)
 
 
 def _forward_triton(f, w, d, plan, offsets, keep_basis):

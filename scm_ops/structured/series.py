@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .._common import kernel_config, kernel_module
-from .stencil import OFFSETS, FlatStencil, StencilReader, flat_kernel_operands, grid_masks
+from .stencil import OFFSETS, FlatStencil, StencilReader, flat_launch, grid_masks, program_backend, program_max_cells
 
 __all__ = ["StencilSeries", "series_max_cells", "stencil_series"]
 
@@ -59,27 +58,18 @@ def _series_bwd_torch(grad_u, w, d, q, alpha, offsets, exact):
 def series_max_cells(connectivity: int = 4) -> int:
     """The largest grid (cells) the Triton series holds in one program for 4 or 8
     neighbours (1024 and 512); larger grids take the PyTorch steps."""
-    kern = kernel_module("structured.series")
-    largest = max(kern.BLOCK_N_CHOICES)
-    return min(largest, kern.EIGHT_NEIGHBOUR_MAX_BLOCK_N) if connectivity == 8 else largest
+    return program_max_cells("structured.series", connectivity)
 
 
 def _series_backend(backend, f, offsets):
-    """The backend the series runs on: Triton only where one program holds the grid."""
-    if backend == "triton" and f.shape[1] * f.shape[2] > series_max_cells(2 * len(offsets)):
-        return "torch"
-    return backend
+    return program_backend(backend, f.shape[1] * f.shape[2], offsets, "structured.series")
 
 
 def _series_launch(w, offsets, dtype, direction):
-    """(kernel, grid, BLOCK_N, launch options, weight planes, scratch) for one image a
-    program; BLOCK_N is the smallest of the kernel's compiled block sizes that holds the
-    grid (flat_kernel_operands)."""
-    kern = kernel_module("structured.series")
-    block = min(b for b in kern.BLOCK_N_CHOICES if b >= w.shape[2] * w.shape[3])
-    name = f"stencil_series_{direction}_kernel"
-    _, launch = kernel_config(kern, dtype, name)
-    return (getattr(kern, name), (w.shape[0],), block, launch, *flat_kernel_operands(w, offsets, block))
+    """(kernel, grid (B,), BLOCK_N, launch options, weight planes, scratch)."""
+    kernel, block, launch, planes, scratch = flat_launch("structured.series", f"stencil_series_{direction}_kernel",
+                                                         w, offsets, dtype)
+    return kernel, (w.shape[0],), block, launch, planes, scratch
 
 
 def _series_fwd_triton(f, w, d, alpha, steps, offsets):

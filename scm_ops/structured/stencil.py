@@ -16,8 +16,9 @@ import functools
 
 import torch
 
-__all__ = ["OFFSETS", "FlatStencil", "Stencil", "StencilReader", "flat_kernel_operands", "grid_masks", "shift",
-           "stencil_pair_sum", "stencil_to_dense", "product_stencil_entries", "sigma_max_bound"]
+__all__ = ["OFFSETS", "FlatStencil", "Stencil", "StencilReader", "flat_launch", "grid_masks", "shift",
+           "program_backend", "program_max_cells", "stencil_pair_sum", "stencil_to_dense",
+           "product_stencil_entries", "sigma_max_bound"]
 
 OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
 
@@ -237,14 +238,37 @@ class StencilReader:
         return pairs.transpose(0, 1) * (valid * factor), diag * factor
 
 
-def flat_kernel_operands(w: torch.Tensor, offsets, block: int):
-    """What the Triton kernels' flat stencil form (kernels/structured/stencil.py) reads, for
-    w [B, K, H, W] and blocks of `block` >= H W cells: the weight planes [B, 2K, block], w_k
-    zeroed where n + o_k leaves the grid and then w_k shifted by the flat offset
-    m_k = dr W + dc (w_k[n - m_k], 0 for n < m_k), and a zeroed scratch [B, 3 block] of w's
-    dtype."""
+# -- one Triton program per image (kernels/structured/series.py, chebyshev.py) ----------------
+
+def program_max_cells(kernel_module: str, connectivity: int) -> int:
+    """The largest grid (cells) one program of a one-program-per-image kernel module holds
+    with 4 or 8 neighbours: its largest BLOCK_N, capped at EIGHT_NEIGHBOUR_MAX_BLOCK_N with 8."""
+    from .._common import kernel_module as load
+    kern = load(kernel_module)
+    largest = max(kern.BLOCK_N_CHOICES)
+    return min(largest, kern.EIGHT_NEIGHBOUR_MAX_BLOCK_N) if connectivity == 8 else largest
+
+
+def program_backend(backend: str, grid_cells: int, offsets, kernel_module: str) -> str:
+    """The backend a one-program-per-image piece runs on: Triton only where one program holds
+    the grid, PyTorch otherwise."""
+    if backend == "triton" and grid_cells > program_max_cells(kernel_module, 2 * len(offsets)):
+        return "torch"
+    return backend
+
+
+def flat_launch(kernel_module: str, kernel_name: str, w: torch.Tensor, offsets, dtype: torch.dtype):
+    """(kernel, BLOCK_N, launch options, weight planes, scratch) for a kernel of the flat form
+    on w [B, K, H, W]: BLOCK_N is the smallest of the module's block sizes that holds the
+    grid; the weight planes [B, 2K, BLOCK_N] are w_k, zeroed where n + o_k leaves the grid,
+    then w_k shifted by the flat offset m_k = dr W + dc (w_k[n - m_k], 0 for n < m_k); the
+    scratch [B, 3 BLOCK_N] is zeroed (kernels/structured/stencil.py, "the flat form")."""
+    from .._common import kernel_config, kernel_module as load
+    kern = load(kernel_module)
     B, K, H, W = w.shape
     N = H * W
+    block = min(b for b in kern.BLOCK_N_CHOICES if b >= N)
+    _, launch = kernel_config(kern, dtype, kernel_name)
     valid, _ = grid_masks(H, W, 2 * K, w.dtype, w.device)
     planes = w.new_zeros(B, 2 * K, block)
     planes[:, :K, :N] = (w * valid).reshape(B, K, N)
@@ -252,4 +276,4 @@ def flat_kernel_operands(w: torch.Tensor, offsets, block: int):
         m = dr * W + dc
         if 0 < m < N:
             planes[:, K + k, m:N] = planes[:, k, :N - m]
-    return planes, w.new_zeros(B, 3 * block)
+    return getattr(kern, kernel_name), block, launch, planes, w.new_zeros(B, 3 * block)
