@@ -64,7 +64,9 @@ def compiled_against_eager(implementation: str) -> dict:
     out, grads = _loss_and_grads(compiled, x)
     result = {"compile_s": time.perf_counter() - start, "compile_cpu_s": _cpu_seconds() - start_cpu,
               "out_err": max(relative_rmse(a, b) for a, b in zip(out, eager_out)),
-              "grad_err": max(relative_rmse(a, b) for a, b in zip(grads, eager_grads))}
+              # gradients of x and of the head's weights, then of the scalars lam and beta
+              "grad_err": max(relative_rmse(a, b) for a, b in zip(grads[:3], eager_grads[:3])),
+              "scalar_grad_err": max(relative_rmse(a, b) for a, b in zip(grads[3:], eager_grads[3:]))}
     bad = x.detach().clone()
     bad[0, 0, 1, 1] = float("nan")
     for name, run in (("nan", lambda: compiled(bad)),
@@ -95,10 +97,14 @@ def test_compiled_model_matches_eager_with_checks_on(implementation, tmp_path):
     result = _run_child(implementation, tmp_path)
     print(f"{implementation}: first compiled forward + backward {result['compile_s']:.1f} s "
           f"({result['compile_cpu_s']:.1f} s CPU time)")
-    # float32 rounding: measured 3e-7 (outputs) and up to 2.4e-6 (gradients, dense; the
-    # compiled graph fuses and reorders the elementwise steps between the operators)
-    assert result["out_err"] <= 1e-5, result
+    # float32 rounding (the compiled graph fuses and reorders the elementwise steps between
+    # the operators), measured on 2026-11-29: outputs 2.2e-6 (structured) / 1.4e-6 (dense);
+    # gradients of x and the head's weights 1.6e-6 / 7.1e-7; of lam and beta 1.8e-5 /
+    # 8.5e-6: these are sums of cancelling terms, and eager float32 itself is 1e-5 to 1.8e-5
+    # away from float64 there. Bounds about 10x.
+    assert result["out_err"] <= 2e-5, result
     assert result["grad_err"] <= 2e-5, result
+    assert result["scalar_grad_err"] <= 2e-4, result
     # the checks ran inside the compiled graph and raised what eager mode raises
     assert re.match(r"ValueError: (attention|semantic) contains NaN", result["nan"]), result
     # naming the block and its lam, on both implementations
