@@ -14,7 +14,7 @@ as the truncation error is, and float32 lost two digits against dense Newton-Sch
 import triton
 import triton.language as tl
 
-from .stencil import _flat_add_pair_sums, _flat_image, _flat_matvec, _flat_publish
+from .stencil import _flat_add_pair_sums, _flat_grad_planes, _flat_image, _flat_matvec, _flat_publish
 
 # One program holds a whole grid: the launcher takes the smallest BLOCK_N here that holds
 # the grid's cells (up to 16 x 16, 22 x 22, 32 x 32); larger grids take the PyTorch series,
@@ -120,18 +120,15 @@ def chebyshev_bwd_kernel(
     [B, K, H, W] accumulates in place; its pairs across a row end are left for the launcher to
     zero. planes and scratch as in chebyshev_fwd_kernel. Grid (B,)."""
     S: tl.constexpr = 2 if PUBLISHED else 1
-    K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
     N = H * W
     b, offs, inside, d, planes_ptr, scratch_ptr = _flat_image(d_ptr, planes_ptr, scratch_ptr, H, W,
                                                               EIGHT_NEIGHBOURS, BLOCK_N)
     scale = tl.load(scale_ptr)
     g = tl.load(grad_u_ptr + b * N + offs, mask=inside, other=0.0)
-    grad_w_ptr += b * K * N
+    grad_w_ptr = _flat_grad_planes(grad_w_ptr, b, offs, inside, N, EIGHT_NEIGHBOURS)
     grad_d_ptr += b * N
     grad_f_ptr += b * N
     zero = tl.zeros_like(g)
-    for plane in tl.static_range(K):
-        tl.store(grad_w_ptr + plane * N + offs, zero, mask=inside)
     # the outer term g (phi(Z) F)^T, with g published by the product L g
     h0 = _flat_matvec(scratch_ptr, planes_ptr, d, g, offs, inside, W, EIGHT_NEIGHBOURS, BLOCK_N)
     tl.store(grad_d_ptr + offs, g * tl.load(phi_f_ptr + b * N + offs, mask=inside, other=0.0), mask=inside)

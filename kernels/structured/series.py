@@ -3,7 +3,7 @@ and the vectors in registers for all steps; forward and backward (both gradient 
 import triton
 import triton.language as tl
 
-from .stencil import _flat_add_pair_sums, _flat_image, _flat_matvec
+from .stencil import _flat_add_pair_sums, _flat_grad_planes, _flat_image, _flat_matvec
 
 # One program holds a whole grid: the launcher takes the smallest BLOCK_N here that holds
 # the grid's cells (up to 16 x 16, 22 x 22, 32 x 32); larger grids run in PyTorch, and so
@@ -67,7 +67,6 @@ def stencil_series_bwd_kernel(
     plus, with EXACT, alpha (a_{j+1}[n] r_j[n+m] + a_{j+1}[n+m] r_j[n]) and alpha a_{j+1} r_j.
     The dw planes accumulate in grad_w [B, K, H, W] itself; their pairs across a row end
     are left for the launcher to zero. Grid (B,)."""
-    K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
     N = H * W
     b, offs, inside, d, planes_ptr, scratch_ptr = _flat_image(d_ptr, planes_ptr, scratch_ptr, H, W,
                                                               EIGHT_NEIGHBOURS, BLOCK_N)
@@ -75,9 +74,7 @@ def stencil_series_bwd_kernel(
     a = tl.load(grad_u_ptr + b * N + offs, mask=inside, other=0.0)
     grad_f = tl.zeros_like(a)
     grad_d = tl.zeros_like(a)
-    grad_w_ptr += b * K * N
-    for plane in tl.static_range(K):
-        tl.store(grad_w_ptr + plane * N + offs, grad_f, mask=inside)
+    grad_w_ptr = _flat_grad_planes(grad_w_ptr, b, offs, inside, N, EIGHT_NEIGHBOURS)
     for i in range(STEPS):
         j = STEPS - 1 - i
         x_ptr = xs_ptr + (j * B + b) * N

@@ -91,6 +91,17 @@ def _flat_add_pair_sum(plane_ptr, weight, scratch_ptr, p, q_ptr, offs, inside, N
 
 
 @triton.jit
+def _flat_grad_planes(grad_w_ptr, b, offs, inside, N, EIGHT_NEIGHBOURS: tl.constexpr):
+    """Pointer to image b's K gradient planes in grad_w [B, K, N], which it zeroes for the
+    pair sums to accumulate into (each thread its own cells)."""
+    K: tl.constexpr = 4 if EIGHT_NEIGHBOURS else 2
+    grad_w_ptr += b * K * N
+    for plane in tl.static_range(K):
+        tl.store(grad_w_ptr + plane * N + offs, 0.0, mask=inside)
+    return grad_w_ptr
+
+
+@triton.jit
 def _flat_add_pair_sums(grad_w_ptr, weight, scratch_ptr, p, q_ptr, offs, inside, N, W,
                         EIGHT_NEIGHBOURS: tl.constexpr):
     """_flat_add_pair_sum for every plane k of grad_w [K, N] (accumulated in memory)."""
