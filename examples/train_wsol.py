@@ -242,7 +242,7 @@ def figure(path, classes, runs, size):
 def load_data(args, size):
     """{"train", "test"} datasets for --dataset, sized by the mode."""
     if args.dataset == "synthetic":
-        from synthetic_shapes import CLASSES, TEXTURES, make_split
+        from synthetic_shapes import CLASSES, make_split
         n_train = args.train_size or MODES[args.mode]["train"]
         n_test = args.test_size or MODES[args.mode]["test"]
         if args.mode == "pretrain":   # training labels: texture * len(CLASSES) + badge class

@@ -8,10 +8,10 @@ from ._common import (assert_finite, autocasting, check_float_tensor, check_same
                       compute_dtype, resolve_backend, without_autocast)
 from .cosine import cosine_similarity
 from .laplacian import spatial_semantic_laplacian
-from .newton_schulz import (NewtonSchulzDivergenceError, assert_block_converges, assert_dense_converges,
-                            assert_stencil_converges, newton_schulz_inverse)
-from .structured import (OFFSETS, GradSlot, NeighbourCosine, ScalePatches, SpectralFilter, Stencil,
-                         chebyshev_filter, grid_masks, stencil_series, stencil_to_dense)
+from .newton_schulz import (assert_block_converges, assert_dense_converges, assert_stencil_converges,
+                            newton_schulz_inverse)
+from .structured import (OFFSETS, GradSlot, NeighbourCosine, ScalePatches, SpectralFilter, chebyshev_filter,
+                         grid_masks, stencil_series, stencil_to_dense)
 
 __all__ = ["ActivationDiffusion", "attention_map_from_blocks", "localization_map", "minmax_normalize"]
 

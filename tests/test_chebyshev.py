@@ -3,8 +3,6 @@ Newton-Schulz on a dense L built cell by cell (scm_ops.testing.dense_laplacian),
 both gradient semantics; its coefficients against the function they approximate; its
 radius and divergence check; its Triton kernels (kernels/structured/chebyshev.py) against
 the PyTorch path and the dense reference."""
-import math
-
 import pytest
 import torch
 

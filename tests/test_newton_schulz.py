@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 import scm_ops
 from scm_ops.reference import (cosine_similarity_ref, newton_schulz_inverse_ref,
                                spatial_semantic_laplacian_ref)
-from scm_ops.testing import TOLERANCE, assert_rel_rmse, device_under_test, dtype_params
+from scm_ops.testing import assert_rel_rmse, device_under_test, dtype_params
 
 ALPHA = 0.002  # the published constant
 

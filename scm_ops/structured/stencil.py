@@ -16,8 +16,11 @@ import functools
 
 import torch
 
+from .._common import kernel_config
+from .._common import kernel_module as load_kernel_module
+
 __all__ = ["OFFSETS", "FlatStencil", "Stencil", "StencilReader", "flat_launch", "grid_masks", "shift",
-           "program_backend", "program_max_cells", "stencil_pair_sum", "stencil_to_dense",
+           "program_backend", "program_max_cells", "stencil_to_dense",
            "product_stencil_entries", "sigma_max_bound"]
 
 OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
@@ -77,30 +80,6 @@ class Stencil:
             y[:, there[0], there[1]].addcmul_(wk, x[:, here[0], here[1]])
         return y
 
-    def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out = L x for x [..., B, H, W] (leading dims broadcast over the stencil), written
-        into `out` (same shape as x, not overlapping it)."""
-        torch.mul(self.d, x, out=out)
-        for here, there, wk in self.terms:
-            out[..., here[0], here[1]].addcmul_(wk, x[..., there[0], there[1]])
-            out[..., there[0], there[1]].addcmul_(wk, x[..., here[0], here[1]])
-        return out
-
-    def subtract_product(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out -= L x, in place, for x and out [..., B, H, W] (not overlapping)."""
-        out.addcmul_(self.d, x, value=-1)
-        for here, there, wk in self.terms:
-            out[..., here[0], here[1]].addcmul_(wk, x[..., there[0], there[1]], value=-1)
-            out[..., there[0], there[1]].addcmul_(wk, x[..., here[0], here[1]], value=-1)
-        return out
-
-    def scaled(self, factor: float) -> "Stencil":
-        """The stencil of factor * L."""
-        other = Stencil.__new__(Stencil)
-        other.d = self.d * factor
-        other.terms = [(here, there, wk * factor) for here, there, wk in self.terms]
-        return other
-
     def abs_row_sums(self) -> torch.Tensor:
         """sum_j |L[n, j]| per cell, [B, H, W] (Gershgorin radii plus |diagonal|)."""
         y = self.d.abs()
@@ -108,11 +87,6 @@ class Stencil:
             y[:, here[0], here[1]] += wk.abs()
             y[:, there[0], there[1]] += wk.abs()
         return y
-
-
-def stencil_pair_sum(p: torch.Tensor, q: torch.Tensor, dr: int, dc: int) -> torch.Tensor:
-    """For G = sum_j p_j q_j^T (p, q [J, B, H, W]): G[n, n + o] + G[n + o, n], [B, H, W]."""
-    return (p * shift(q, dr, dc) + shift(p, dr, dc) * q).sum(0)
 
 
 def _neighbour_pairs(height: int, width: int, offsets, device):
@@ -243,8 +217,7 @@ class StencilReader:
 def program_max_cells(kernel_module: str, connectivity: int) -> int:
     """The largest grid (cells) one program of a one-program-per-image kernel module holds
     with 4 or 8 neighbours: its largest BLOCK_N, capped at EIGHT_NEIGHBOUR_MAX_BLOCK_N with 8."""
-    from .._common import kernel_module as load
-    kern = load(kernel_module)
+    kern = load_kernel_module(kernel_module)
     largest = max(kern.BLOCK_N_CHOICES)
     return min(largest, kern.EIGHT_NEIGHBOUR_MAX_BLOCK_N) if connectivity == 8 else largest
 
@@ -263,8 +236,7 @@ def flat_launch(kernel_module: str, kernel_name: str, w: torch.Tensor, offsets, 
     grid; the weight planes [B, 2K, BLOCK_N] are w_k, zeroed where n + o_k leaves the grid,
     then w_k shifted by the flat offset m_k = dr W + dc (w_k[n - m_k], 0 for n < m_k); the
     scratch [B, 3 BLOCK_N] is zeroed (kernels/structured/stencil.py, "the flat form")."""
-    from .._common import kernel_config, kernel_module as load
-    kern = load(kernel_module)
+    kern = load_kernel_module(kernel_module)
     B, K, H, W = w.shape
     N = H * W
     block = min(b for b in kern.BLOCK_N_CHOICES if b >= N)
