@@ -32,9 +32,12 @@ def _shifted(ptr, r, c, H, W, dr: tl.constexpr, dc: tl.constexpr):
 # In the flat layout the neighbour n + o_k of cell n is n + m_k, m_k = dr W + dc. The launcher
 # passes 2K weight planes per image, [w_k, w_k shifted by m_k] with w_k zero wherever n + o_k
 # leaves the grid (this also zeroes the pairs that a flat shift makes across a row end), and a
-# zeroed scratch row of 3 BLOCK_N per image whose middle third holds the published vector:
-# every shifted read then lands on a value that is finite (0 beyond the grid), and needs no
-# mask or index arithmetic of its own. Fewer live masks and indices: fewer registers.
+# zeroed scratch row of 3 BLOCK_N per image whose middle third holds the published vector.
+# The launcher picks BLOCK_N >= N and BLOCK_N >= every m_k (structured.stencil.program_block;
+# the second binds on one-row grids with 8 neighbours, m = W + 1 > N), so a shifted read at
+# n +- m_k, n < BLOCK_N, stays inside the image's own row and lands on a finite value (0
+# beyond the grid): no mask or index arithmetic of its own. Fewer live masks and indices:
+# fewer registers. tests/test_race_barrier.py checks these reads and the barriers.
 
 @triton.jit
 def _flat_image(d_ptr, planes_ptr, scratch_ptr, H, W, EIGHT_NEIGHBOURS: tl.constexpr, BLOCK_N: tl.constexpr):

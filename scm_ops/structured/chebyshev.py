@@ -51,10 +51,23 @@ _RADIUS_STEPS_PER_OCTAVE = 16
 _MIN_RADIUS = 2.0 ** -10
 
 
-def rounded_radius(radius: float) -> float:
-    """radius rounded up to the cache grid 2^(j/16), at least 2^-10."""
+def convergence_radius(alpha: float) -> float:
+    """sqrt(2 / alpha): the iteration converges for sigma_max(L) below it, and psi(z) =
+    (1 - alpha z)^K stays bounded by 1 on [0, R^2] exactly for R up to it."""
+    return math.sqrt(2.0 / alpha)
+
+
+def rounded_radius(radius: float, alpha: float | None = None) -> float:
+    """radius rounded up to the cache grid 2^(j/16), at least 2^-10; given alpha, never past
+    convergence_radius(alpha) when radius itself is not past it. Past that limit
+    (alpha R^2 > 2) psi grows as |1 - alpha z|^K on the part of the interval beyond it and
+    its coefficients overflow, although the spectrum of L, below the limit, is where the
+    iteration converges: the series would return NaN."""
     radius = max(float(radius), _MIN_RADIUS)
-    return 2.0 ** (math.ceil(math.log2(radius) * _RADIUS_STEPS_PER_OCTAVE - 1e-9) / _RADIUS_STEPS_PER_OCTAVE)
+    rounded = 2.0 ** (math.ceil(math.log2(radius) * _RADIUS_STEPS_PER_OCTAVE - 1e-9) / _RADIUS_STEPS_PER_OCTAVE)
+    if alpha is not None and radius <= convergence_radius(alpha):
+        rounded = min(rounded, convergence_radius(alpha))
+    return rounded
 
 
 def _phi_psi(z: torch.Tensor, alpha: float, iterations: int):
@@ -81,10 +94,20 @@ def _chebyshev_transform(values: torch.Tensor) -> torch.Tensor:
     return coef
 
 
+# Coefficients (relative to max|f|) below this are rounding noise of the transform: the
+# coefficients of phi and psi fall as exp(-n^2 / K)-like curves to a floor near 1e-16 and
+# stay there up to the number of nodes. Summed over thousands of nodes that floor alone can
+# exceed the float64 tolerance (1e-12) and would push the degree to the node count; the
+# noise terms carry no part of f, so the tail is summed above the floor only.
+_COEFFICIENT_NOISE = 64 * torch.finfo(torch.float64).eps
+
+
 def _truncation_degree(coef: torch.Tensor, tolerance: float) -> int:
-    """The smallest n with sum_{k > n} |c_k| <= tolerance * max|f| (the dropped tail bounds
-    the uniform error); max|f| is estimated by sum |c_k|'s upper bound, the values' max."""
-    tail = coef.abs().flip(0).cumsum(0).flip(0)
+    """The smallest n with sum_{k > n} |c_k| <= tolerance (the dropped tail bounds the
+    uniform error; coef relative to max|f|), coefficients in the rounding-noise floor
+    (_COEFFICIENT_NOISE) not counted."""
+    magnitude = coef.abs()
+    tail = torch.where(magnitude > _COEFFICIENT_NOISE, magnitude, 0).flip(0).cumsum(0).flip(0)
     above = (tail > tolerance).nonzero()
     return max(int(above.max()) if above.numel() else 0, 2)
 
@@ -112,7 +135,7 @@ def chebyshev_coefficients(radius: float, alpha: float, iterations: int, toleran
     """(c_phi, c_psi): float64 Chebyshev coefficients of phi and psi in the variable
     y = 1 - 2 z / R^2 on z in [0, R^2], each truncated at `tolerance` (see DEGREE_TOLERANCE).
     R is rounded up with rounded_radius; results are cached per (R, alpha, p, tolerance)."""
-    return _coefficients_cached(rounded_radius(radius), float(alpha), int(iterations), float(tolerance))
+    return _coefficients_cached(rounded_radius(radius, alpha), float(alpha), int(iterations), float(tolerance))
 
 
 def series_radius(w: torch.Tensor, d: torch.Tensor, offsets, alpha: float, sigma: torch.Tensor | None = None) -> float:
@@ -209,7 +232,7 @@ def _series_plan(w, d, alpha, iterations, offsets, exact, dtype, sigma=None):
     """The SeriesPlan of a batch: its radius (one host sync), the forward coefficients and
     the basis degree n (phi's, or the larger of phi's and psi's when the published gradient
     needs psi too); cached per (R, alpha, p, tolerance, semantics, device)."""
-    radius = rounded_radius(series_radius(w, d, offsets, alpha, sigma))
+    radius = rounded_radius(series_radius(w, d, offsets, alpha, sigma), alpha)
     return _plan_cached(radius, float(alpha), int(iterations), DEGREE_TOLERANCE[dtype], bool(exact), w.device)
 
 
@@ -220,7 +243,7 @@ def chebyshev_max_cells(connectivity: int = 4) -> int:
 
 
 def _chebyshev_backend(backend, f, offsets):
-    return program_backend(backend, f.shape[1] * f.shape[2], offsets, "structured.chebyshev")
+    return program_backend(backend, f.shape[1], f.shape[2], offsets, "structured.chebyshev")
 
 
 def _launch(kernel_name, w, offsets):

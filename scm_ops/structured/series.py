@@ -62,7 +62,7 @@ def series_max_cells(connectivity: int = 4) -> int:
 
 
 def _series_backend(backend, f, offsets):
-    return program_backend(backend, f.shape[1] * f.shape[2], offsets, "structured.series")
+    return program_backend(backend, f.shape[1], f.shape[2], offsets, "structured.series")
 
 
 def _series_launch(w, offsets, dtype, direction):

@@ -20,7 +20,7 @@ from .._common import kernel_config
 from .._common import kernel_module as load_kernel_module
 
 __all__ = ["OFFSETS", "FlatStencil", "Stencil", "StencilReader", "flat_launch", "grid_masks", "shift",
-           "program_backend", "program_max_cells", "stencil_to_dense",
+           "program_backend", "program_block", "program_max_cells", "stencil_to_dense",
            "product_stencil_entries", "sigma_max_bound"]
 
 OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
@@ -53,6 +53,11 @@ def _grid_masks(height: int, width: int, connectivity: int, dtype, device):
 
 
 def grid_masks(height, width, connectivity, dtype, device):
+    """(valid [K, H, W]: neighbour n + o_k exists, degree [H, W]): cached in eager mode;
+    under torch.compile computed in the graph (a few constant-folded ops), since the tracer
+    would look through the cache and could not keep its result."""
+    if torch.compiler.is_compiling():
+        return _grid_masks.__wrapped__(height, width, connectivity, dtype, torch.device(device))
     return _grid_masks(height, width, connectivity, dtype, torch.device(device))
 
 
@@ -216,30 +221,48 @@ class StencilReader:
 
 def program_max_cells(kernel_module: str, connectivity: int) -> int:
     """The largest grid (cells) one program of a one-program-per-image kernel module holds
-    with 4 or 8 neighbours: its largest BLOCK_N, capped at EIGHT_NEIGHBOUR_MAX_BLOCK_N with 8."""
+    with 4 or 8 neighbours: its largest BLOCK_N, capped at EIGHT_NEIGHBOUR_MAX_BLOCK_N with 8.
+    A one-row grid with 8 neighbours needs a block one cell wider than the row
+    (program_block)."""
     kern = load_kernel_module(kernel_module)
     largest = max(kern.BLOCK_N_CHOICES)
     return min(largest, kern.EIGHT_NEIGHBOUR_MAX_BLOCK_N) if connectivity == 8 else largest
 
 
-def program_backend(backend: str, grid_cells: int, offsets, kernel_module: str) -> str:
+def program_block(kernel_module: str, height: int, width: int, offsets) -> int | None:
+    """BLOCK_N of a one-program-per-image kernel for an H x W grid, or None where no block
+    of the module holds it. The block holds every cell (BLOCK_N >= N) and every flat shift
+    m_k = dr W + dc of the offsets (BLOCK_N >= max m_k: the shifted reads of the scratch row,
+    at n +- m_k for n < BLOCK_N, stay inside its 3 BLOCK_N cells). The second condition only
+    binds on one-row grids with 8 neighbours, where m = W + 1 > N."""
+    reach = max(max(height * width, 1), *(dr * width + dc for dr, dc in offsets))
+    limit = program_max_cells(kernel_module, 2 * len(offsets))
+    fitting = [b for b in load_kernel_module(kernel_module).BLOCK_N_CHOICES if reach <= b <= limit]
+    return min(fitting) if fitting else None
+
+
+def program_backend(backend: str, height: int, width: int, offsets, kernel_module: str) -> str:
     """The backend a one-program-per-image piece runs on: Triton only where one program holds
-    the grid, PyTorch otherwise."""
-    if backend == "triton" and grid_cells > program_max_cells(kernel_module, 2 * len(offsets)):
+    the grid (program_block), PyTorch otherwise."""
+    if backend == "triton" and program_block(kernel_module, height, width, offsets) is None:
         return "torch"
     return backend
 
 
 def flat_launch(kernel_module: str, kernel_name: str, w: torch.Tensor, offsets, dtype: torch.dtype):
     """(kernel, BLOCK_N, launch options, weight planes, scratch) for a kernel of the flat form
-    on w [B, K, H, W]: BLOCK_N is the smallest of the module's block sizes that holds the
-    grid; the weight planes [B, 2K, BLOCK_N] are w_k, zeroed where n + o_k leaves the grid,
-    then w_k shifted by the flat offset m_k = dr W + dc (w_k[n - m_k], 0 for n < m_k); the
-    scratch [B, 3 BLOCK_N] is zeroed (kernels/structured/stencil.py, "the flat form")."""
+    on w [B, K, H, W]: BLOCK_N is program_block's (the smallest of the module's block sizes
+    that holds the grid and its flat shifts); the weight planes [B, 2K, BLOCK_N] are w_k,
+    zeroed where n + o_k leaves the grid, then w_k shifted by the flat offset
+    m_k = dr W + dc (w_k[n - m_k], 0 for n < m_k); the scratch [B, 3 BLOCK_N] is zeroed
+    (kernels/structured/stencil.py, "the flat form")."""
     kern = load_kernel_module(kernel_module)
     B, K, H, W = w.shape
     N = H * W
-    block = min(b for b in kern.BLOCK_N_CHOICES if b >= N)
+    block = program_block(kernel_module, H, W, offsets)
+    if block is None:
+        raise ValueError(f"no block of {kernel_module} holds a {H} x {W} grid with {2 * K} neighbours; "
+                         "program_backend sends such grids to the PyTorch path")
     _, launch = kernel_config(kern, dtype, kernel_name)
     valid, _ = grid_masks(H, W, 2 * K, w.dtype, w.device)
     planes = w.new_zeros(B, 2 * K, block)
