@@ -6,6 +6,7 @@
     python examples/train_wsol.py --dataset cub --data-root CUB_200_2011 --mode quick
     python examples/train_wsol.py --dataset wsol --metadata-root metadata/ILSVRC --data-root ILSVRC
     python examples/train_wsol.py --backbone deit_small_patch16_224 --dataset cub ...  # needs timm
+    python examples/train_wsol.py --backbone hf:deit --image-size 224 ...  # needs transformers
     torchrun --nproc_per_node=2 examples/train_wsol.py --mode quick   # DDP (gloo on the CPU)
 
 Both models train on image labels only and start from one pretrained backbone, as in the
@@ -66,7 +67,8 @@ class WSOLModel(nn.Module):
         nn.init.constant_(self.head.bias, 1.0)
         self.token_head = nn.Linear(backbone.embed_dim, token_classes) if token_classes else None
         self.scm = scm_ops.ActivationDiffusion(backbone.grid) if use_scm else None
-        self.recorder = ClassAttentionRecorder(backbone.attention_modules, backbone.grid).__enter__()
+        self.recorder = ClassAttentionRecorder(backbone.attention_modules, backbone.grid,
+                                               num_prefix_tokens=backbone.num_prefix_tokens).open()
 
     def forward(self, images):
         cls, tokens = self.backbone.tokens(images)                  # [B, dim], [B, N, dim]
@@ -269,13 +271,13 @@ def load_data(args, size):
             "test": datasets.subset(data["test"], n_test, args.seed + 1)}
 
 
-def describe(args, cfg, data, pretrained_path):
+def describe(args, cfg, data, pretrained_path, weights):
     what = {"synthetic": "the synthetic parts benchmark (examples/synthetic_shapes.py)",
             "cub": f"CUB-200-2011 at {args.data_root}",
             "wsol": f"wsolevaluation metadata {args.metadata_root} over {args.data_root}"}[args.dataset]
-    start = f"the pretrained backbone {os.path.relpath(pretrained_path)}" if pretrained_path else \
-        "a randomly initialised backbone" if args.backbone == "tiny" else f"timm's pretrained {args.backbone}"
+    start = f"the pretrained backbone {os.path.relpath(pretrained_path)}" if pretrained_path else "the backbone"
     lines = [f"== mode {args.mode}, seed {args.seed}, backbone {args.backbone}, data: {what}",
+             f"   backbone weights: {weights}",
              f"   {len(data['train'])} training / {len(data['test'])} test images, {len(data['train'].classes)} classes"]
     if args.mode == "pretrain":
         lines.append(f"   pretrains the backbone from scratch for {cfg['epochs']} epochs on another task than the "
@@ -298,11 +300,17 @@ def main(argv=None):
     parser.add_argument("--data-root", help="cub: the CUB_200_2011 folder; wsol: the folder image ids are relative to")
     parser.add_argument("--metadata-root", help="wsol: the folder holding train/ and test/ (wsolevaluation's metadata/<DATASET>)")
     parser.add_argument("--eval-split", default="test", help="wsol: the metadata split to evaluate on (test or val)")
-    parser.add_argument("--backbone", default="tiny", help="'tiny' (the example's ViT) or a timm model name, "
-                        "e.g. deit_small_patch16_224 (needs timm)")
-    parser.add_argument("--image-size", type=int, default=None, help="input size (default 112 tiny, 224 timm)")
-    parser.add_argument("--pretrained", default=None, help="checkpoint from --mode pretrain, or 'none' "
-                        "(default: the shipped one for the tiny backbone; timm models load their own weights)")
+    parser.add_argument("--backbone", default="tiny", help="'tiny' (the example's ViT), a timm model name, "
+                        "e.g. deit_small_patch16_224 (needs timm), or hf:vit / hf:deit (a transformers ViT / DeiT "
+                        "from a config, randomly initialised) / hf:FOLDER (from_pretrained; needs transformers)")
+    parser.add_argument("--backbone-args", type=json.loads, default=None, metavar="JSON",
+                        help="model arguments for timm / hf backbones, e.g. '{\"depth\": 2, \"embed_dim\": 64}' "
+                        "(timm.create_model) or '{\"num_hidden_layers\": 2, \"hidden_size\": 64}' (config fields)")
+    parser.add_argument("--image-size", type=int, default=None, help="input size (default 112 tiny, 224 timm and "
+                        "hf:vit / hf:deit, the config's for hf:FOLDER)")
+    parser.add_argument("--pretrained", default=None, help="tiny: a checkpoint from --mode pretrain (default: "
+                        "the shipped one); timm: a local weights file (default: timm's pretrained weights, "
+                        "downloaded); 'none': random initialisation (tiny, timm; hf:vit / hf:deit always are)")
     parser.add_argument("--save-backbone", default=SHIPPED_BACKBONE, help="pretrain mode: where to write")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
@@ -335,16 +343,21 @@ def main(argv=None):
 
     def new_model(use_scm, num_classes):
         torch.manual_seed(args.seed)
-        return WSOLModel(build_backbone(args.backbone, args.image_size), num_classes, use_scm).to(device)
+        return WSOLModel(backbone(), num_classes, use_scm).to(device)
 
-    probe = build_backbone(args.backbone, args.image_size) if args.backbone == "tiny" else None
-    size = probe.image_size if probe is not None else (args.image_size or 224)
+    def backbone():
+        return build_backbone(args.backbone, args.image_size, args.pretrained if args.backbone != "tiny" else None,
+                              args.backbone_args)
+
+    probe = backbone()
+    size = probe.image_size
     data = load_data(args, size)
     classes = data["train"].classes
     pretrained_path = None
     if args.mode != "pretrain" and args.backbone == "tiny" and args.pretrained != "none":
         pretrained_path = args.pretrained or SHIPPED_BACKBONE
-    log(describe(args, cfg, data, pretrained_path))
+    weights = f"checkpoint {os.path.relpath(pretrained_path)}" if pretrained_path else probe.weights
+    log(describe(args, cfg, data, pretrained_path, weights))
     results, kept = {}, {}
     if is_main():
         results["untrained"], _ = evaluate(new_model(False, len(classes)), data["test"], "eval untrained")
@@ -353,7 +366,7 @@ def main(argv=None):
         from synthetic_shapes import TEXTURES
         torch.manual_seed(args.seed)
         nc = len(classes)
-        model = WSOLModel(build_backbone(args.backbone, args.image_size), nc, False,
+        model = WSOLModel(backbone(), nc, False,
                           token_classes=len(TEXTURES)).to(device)
 
         def texture_task(outputs, y):   # the body's texture from the class token
@@ -401,6 +414,7 @@ def main(argv=None):
         summary = dict(mode=args.mode, dataset=args.dataset, backbone=args.backbone, seed=args.seed,
                        world_size=world, epochs=cfg["epochs"], lr=cfg["lr"], train_images=len(data["train"]),
                        test_images=len(data["test"]), pretrained=pretrained_path and os.path.relpath(pretrained_path),
+                       backbone_weights=weights, backbone_args=args.backbone_args,
                        seconds=round(time.time() - t0, 1),
                        note="gt_known_loc: largest-contour MaxBoxAcc at IoU 0.5 (scm_ops.wsol); box floors "
                             "have no classifier of their own", results=table)

@@ -29,10 +29,11 @@ __all__ = [
     "spectral_norm_bound",
 ]
 
-from .diffusion import ActivationDiffusion, attention_map_from_blocks, localization_map, minmax_normalize
+from .checks import NonFiniteOutputError
+from .diffusion import ActivationDiffusion, localization_map, minmax_normalize
 
-__all__ += ["ActivationDiffusion", "attention_map_from_blocks", "localization_map", "minmax_normalize"]
+__all__ += ["ActivationDiffusion", "NonFiniteOutputError", "localization_map", "minmax_normalize"]
 
-from .attention import ClassAttentionRecorder
+from .attention import ClassAttentionRecorder, attention_map_from_blocks
 
-__all__ += ["ClassAttentionRecorder"]
+__all__ += ["ClassAttentionRecorder", "attention_map_from_blocks"]

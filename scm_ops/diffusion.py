@@ -6,6 +6,7 @@ from torch import nn
 
 from ._common import (assert_finite, autocasting, check_float_tensor, check_same, checks_enabled,
                       compute_dtype, resolve_backend, without_autocast)
+from .checks import assert_block_finite, assert_non_negative
 from .cosine import cosine_similarity
 from .laplacian import spatial_semantic_laplacian
 from .newton_schulz import (assert_block_converges, assert_dense_converges, assert_stencil_converges,
@@ -13,7 +14,7 @@ from .newton_schulz import (assert_block_converges, assert_dense_converges, asse
 from .structured import (OFFSETS, GradSlot, NeighbourCosine, ScalePatches, SpectralFilter, chebyshev_filter,
                          grid_masks, stencil_series, stencil_to_dense)
 
-__all__ = ["ActivationDiffusion", "attention_map_from_blocks", "localization_map", "minmax_normalize"]
+__all__ = ["ActivationDiffusion", "localization_map", "minmax_normalize"]
 
 # Blocks with 2^p <= this many matrix-free steps take StencilSeries; the others take the
 # route of LARGE_P_ROUTES for the device (see the README for the timings behind the choice).
@@ -99,8 +100,12 @@ class ActivationDiffusion(nn.Module):
 
     Where the published code divides 0 by 0 (a constant map in min-max, a zero semantic
     vector in the cosine, an all-zero attention map) the result is the limit 0, not NaN.
-    A lam that makes a block's Newton-Schulz iteration diverge (alpha sigma_max(L)^2 >= 2)
-    raises NewtonSchulzDivergenceError at forward time (skipped with SCM_OPS_CHECKS=0).
+    Checks at forward time (skipped with SCM_OPS_CHECKS=0): a lam or alpha that makes a
+    block's Newton-Schulz iteration diverge (alpha sigma_max(L)^2 >= 2) raises
+    NewtonSchulzDivergenceError; a negative attention map, NaN or infinity in the inputs
+    raise ValueError; and, as a last line of defence, a block whose output is not finite
+    raises NonFiniteOutputError (naming the block, its route, the batch item and lam)
+    instead of passing NaN on.
 
     Wiring it into a timm-style ViT (attention weights exposed per block)::
 
@@ -195,6 +200,7 @@ class ActivationDiffusion(nn.Module):
                              f"{self.grid_size}, got {tuple(attention.shape)}")
         token = self._check_token
         assert_finite(token, "attention", attention)
+        assert_non_negative(token, "attention", attention)
         assert_finite(token, "semantic", semantic)
         assert_finite(token, "lam or beta of ActivationDiffusion", torch.cat([self.lam.flatten(), self.beta.flatten()]))
         compute = compute_dtype(semantic.dtype)
@@ -250,6 +256,7 @@ class ActivationDiffusion(nn.Module):
             if 2 ** p <= MATRIX_FREE_MAX_STEPS:
                 if checks_enabled():
                     self._check_convergence_stencil(w, d, offsets, block, lam[block])
+                route = "matrix-free series"
                 u = stencil_series(f, w, d, self.alpha, p, offsets, self.exact_gradients, backend)
             elif (route := self._large_p_route(s)) == "chebyshev":
                 # the check's bound on sigma_max(L) is the series' radius: computed once, and
@@ -263,6 +270,7 @@ class ActivationDiffusion(nn.Module):
                     self._raise_if_divergent(eigenvalues.abs().amax(1), block, lam[block])
             else:
                 u = self._newton_schulz_apply(stencil_to_dense(w, d, offsets), f, p, block, lam[block], backend)
+            assert_block_finite(self._check_token, u, lam[block], block, f"{route} route, p={p}")
             tau = self._update(f, u, beta[block])
             f = f + tau
             scale = scale * (1 + tau)
@@ -287,6 +295,7 @@ class ActivationDiffusion(nn.Module):
             e = cosine_similarity(s.reshape(B, C, H * W).transpose(1, 2), backend=backend)
             L = spatial_semantic_laplacian(e, (H, W), lam[block], self.connectivity, backend=backend)
             u = self._newton_schulz_apply(L, f, p, block, lam[block], backend)
+            assert_block_finite(self._check_token, u, lam[block], block, f"dense, p={p}")
             tau = self._update(f, u, beta[block])
             f = f + tau
             s = s * (1 + tau[:, None])
@@ -297,7 +306,7 @@ class ActivationDiffusion(nn.Module):
         f [B, H, W]. The convergence check names the block and its lam, in eager mode and
         in a compiled graph (a custom operator), before the operator's own check."""
         if checks_enabled() and p > 0:
-            L = assert_dense_converges(self._check_token, L, lam, self.alpha, block)
+            L = assert_dense_converges(self._check_token, L, lam, self.alpha, block, self.connectivity)
         x = newton_schulz_inverse(L, p, self.alpha, detach_init=not self.exact_gradients, backend=backend)
         return (x.transpose(1, 2) @ f.reshape(*L.shape[:2], 1)).reshape(f.shape)
 
@@ -310,27 +319,7 @@ class ActivationDiffusion(nn.Module):
 
     def _raise_if_divergent(self, sigma, block, lam):
         """The same for a block whose sigma_max(L) per item, sigma [B], is known."""
-        assert_block_converges(self._check_token, sigma, lam, self.alpha, block)
-
-
-def attention_map_from_blocks(attentions, grid_size) -> torch.Tensor:
-    """F0 (docs/maths.md, "F0 and S0") from per-block attention weights.
-
-    Args:
-        attentions: a sequence of post-softmax attention tensors [B, heads, 1+N, 1+N] (class
-            token first), or one stacked tensor [blocks, B, heads, 1+N, 1+N].
-        grid_size: (H, W) with H * W = N.
-    Returns:
-        [B, H, W]: heads averaged, blocks summed, class-token row, patch columns, min-max
-        normalised per image (a constant map gives 0).
-    """
-    H, W = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
-    a = torch.stack(list(attentions)) if not isinstance(attentions, torch.Tensor) else attentions
-    if a.dim() != 5 or a.shape[-1] != a.shape[-2] or a.shape[-1] != H * W + 1:
-        raise ValueError(f"attentions must be [blocks, B, heads, 1+N, 1+N] with N = {H * W}, "
-                         f"got {tuple(a.shape)}")
-    f0 = a.mean(2).sum(0)[:, 0, 1:]
-    return minmax_normalize(f0.reshape(-1, H, W), (1, 2))
+        assert_block_converges(self._check_token, sigma, lam, self.alpha, block, self.connectivity)
 
 
 def localization_map(attention: torch.Tensor, semantic: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

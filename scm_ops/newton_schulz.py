@@ -144,25 +144,37 @@ def divergence(sigma: torch.Tensor, alpha: float) -> str:
 # Custom operators, so that torch.compile keeps them in its graph without a graph break
 # (docs/maths.md, "Checks under torch.compile"): each declares that it writes `token`, a
 # 0-d tensor of the module that is never read, so it is never removed as dead code.
-def _raise_if_divergent_block(sigma: torch.Tensor, alpha: float, block: int, lam: torch.Tensor) -> None:
+def _raise_if_divergent_block(sigma: torch.Tensor, alpha: float, block: int, lam: torch.Tensor,
+                              connectivity: int) -> None:
+    """The block's divergence error, blaming alpha where alpha is out of range: at lam = 1 (the
+    published start) L = (D - A) * (E - 1) has a zero diagonal and off-diagonal entries in
+    [0, 2], so sigma_max(L) <= 2 max degree (8 with 4 neighbours, 16 with 8); an alpha with
+    alpha (2 max degree)^2 >= 2 can diverge whatever lam is, otherwise lam is the cause."""
     problem = divergence(sigma, alpha)
-    if problem:
+    if not problem:
+        return
+    reach = 2 * connectivity
+    if alpha * reach * reach >= 2:
         raise NewtonSchulzDivergenceError(
-            f"ActivationDiffusion block {block}: lam={float(lam):.4g} makes Newton-Schulz diverge: "
-            f"{problem}; keep lam nearer 1")
+            f"ActivationDiffusion block {block}: alpha={alpha:g} is out of range: {problem}. With "
+            f"{connectivity} neighbours sigma_max(L) reaches {reach} at lam = 1, so alpha must stay below "
+            f"{2 / (reach * reach):.4g} (published 0.002)")
+    raise NewtonSchulzDivergenceError(
+        f"ActivationDiffusion block {block}: lam={float(lam):.4g} makes Newton-Schulz diverge: "
+        f"{problem}; keep lam nearer 1")
 
 
 @torch.library.custom_op("scm_ops::assert_block_converges", mutates_args=("token",))
 def _assert_block_converges_op(token: torch.Tensor, sigma: torch.Tensor, lam: torch.Tensor, alpha: float,
-                               block: int) -> None:
+                               block: int, connectivity: int = 4) -> None:
     """Raise NewtonSchulzDivergenceError if alpha sigma[b]^2 >= 2 for an item b; sigma [B] is
     sigma_max(L) per item (e.g. the largest |eigenvalue| of a symmetric L), lam the block's
     lam (0-d), named in the message."""
-    _raise_if_divergent_block(sigma, alpha, block, lam)
+    _raise_if_divergent_block(sigma, alpha, block, lam, connectivity)
 
 
 @_assert_block_converges_op.register_fake
-def _(token, sigma, lam, alpha, block):
+def _(token, sigma, lam, alpha, block, connectivity=4):
     return None
 
 
@@ -177,7 +189,7 @@ def _assert_stencil_converges_op(token: torch.Tensor, w: torch.Tensor, d: torch.
     from .structured.stencil import OFFSETS, sigma_max_bound
     with without_autocast(w.device):
         sigma = sigma_max_bound(w, d, OFFSETS[connectivity], alpha)
-    _raise_if_divergent_block(sigma, alpha, block, lam)
+    _raise_if_divergent_block(sigma, alpha, block, lam, connectivity)
     return sigma
 
 
@@ -188,35 +200,35 @@ def _(token, w, d, lam, alpha, block, connectivity):
 
 @torch.library.custom_op("scm_ops::assert_dense_converges", mutates_args=("token",))
 def _assert_dense_converges_op(token: torch.Tensor, l: torch.Tensor, lam: torch.Tensor, alpha: float,
-                               block: int) -> torch.Tensor:
+                               block: int, connectivity: int = 4) -> torch.Tensor:
     """Raise NewtonSchulzDivergenceError, naming the block and its lam, if the dense L
     [B, N, N] makes Newton-Schulz diverge (sigma_max_screen). Returns a 0-d zero of L's
     dtype, for the caller to add to L where it needs the check ordered first."""
     with without_autocast(l.device):
         sigma = sigma_max_screen(l, alpha)
-    _raise_if_divergent_block(sigma, alpha, block, lam)
+    _raise_if_divergent_block(sigma, alpha, block, lam, connectivity)
     return l.new_zeros(())
 
 
 @_assert_dense_converges_op.register_fake
-def _(token, l, lam, alpha, block):
+def _(token, l, lam, alpha, block, connectivity=4):
     return l.new_zeros(())
 
 
 def assert_dense_converges(token: torch.Tensor, l: torch.Tensor, lam: torch.Tensor, alpha: float,
-                           block: int) -> torch.Tensor:
+                           block: int, connectivity: int = 4) -> torch.Tensor:
     """ActivationDiffusion's check of a block given as a dense L [B, N, N]. Returns L, with
     the check's 0-d zero added under torch.compile: that data dependency orders the check
     (and its error naming the block) before whatever consumes L, which a token alone does
     not."""
-    zero = _assert_dense_converges_op(token, l.detach(), lam.detach(), alpha, block)
+    zero = _assert_dense_converges_op(token, l.detach(), lam.detach(), alpha, block, connectivity)
     return l + zero if torch.compiler.is_compiling() else l
 
 
 def assert_block_converges(token: torch.Tensor, sigma: torch.Tensor, lam: torch.Tensor, alpha: float,
-                           block: int) -> None:
+                           block: int, connectivity: int = 4) -> None:
     """ActivationDiffusion's check of a block whose sigma_max(L) per item is known (sigma [B])."""
-    _assert_block_converges_op(token, sigma.detach(), lam.detach(), alpha, block)
+    _assert_block_converges_op(token, sigma.detach(), lam.detach(), alpha, block, connectivity)
 
 
 def assert_stencil_converges(token: torch.Tensor, w: torch.Tensor, d: torch.Tensor, lam: torch.Tensor,
