@@ -33,5 +33,10 @@ def backend(request):
     return request.param
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a case that takes tens of seconds in Triton's interpreter; the "
+                                       "default run (and CI) includes them, -m 'not slow' leaves them out")
+
+
 def pytest_report_header(config):
     return f"scm-ops tests on {DEVICE} (Triton {'interpreter' if DEVICE.type == 'cpu' else 'compiled'})"

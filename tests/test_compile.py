@@ -6,6 +6,7 @@ The compiled runs go in a fresh Python process with an empty Inductor cache: a c
 graph could hide a wrong fake implementation (the cache key does not cover it), and a
 fresh process is what a user's first call sees. This file is also that process's script.
 """
+import importlib
 import json
 import os
 import pathlib
@@ -14,6 +15,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -59,24 +61,52 @@ def compiled_against_eager(implementation: str) -> dict:
     model = TinySCM(implementation)
     x = torch.randn(BATCH, FEATURES, *GRID, requires_grad=True)
     eager_out, eager_grads = _loss_and_grads(model, x)
+    importlib.import_module("torch._inductor.compile_fx")  # torch's own import-time deprecation warnings first
     compiled = torch.compile(model, fullgraph=True)
     start, start_cpu = time.perf_counter(), _cpu_seconds()
-    out, grads = _loss_and_grads(compiled, x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, grads = _loss_and_grads(compiled, x)
     result = {"compile_s": time.perf_counter() - start, "compile_cpu_s": _cpu_seconds() - start_cpu,
               "out_err": max(relative_rmse(a, b) for a, b in zip(out, eager_out)),
               # gradients of x and of the head's weights, then of the scalars lam and beta
               "grad_err": max(relative_rmse(a, b) for a, b in zip(grads[:3], eager_grads[:3])),
-              "scalar_grad_err": max(relative_rmse(a, b) for a, b in zip(grads[3:], eager_grads[3:]))}
+              "scalar_grad_err": max(relative_rmse(a, b) for a, b in zip(grads[3:], eager_grads[3:])),
+              "warnings": [f"{w.category.__name__}: {w.message}" for w in caught]}
     bad = x.detach().clone()
     bad[0, 0, 1, 1] = float("nan")
     for name, run in (("nan", lambda: compiled(bad)),
-                      ("diverging", lambda: (model.diffusion.lam.data.fill_(20.0), compiled(x))[1])):
+                      ("diverging", lambda: (model.diffusion.lam.data.fill_(20.0), compiled(x))[1]),
+                      ("non_finite_block", lambda: _with_nan_block(model, compiled, x, implementation))):
         try:
             run()
             result[name] = "no error"
         except Exception as err:  # reported to the parent, which checks type and message
             result[name] = f"{type(err).__name__}: {err}"
     return result
+
+
+def _with_nan_block(model, compiled, x, implementation):
+    """The compiled model with lam back at 1 and the first block's operator (the Chebyshev
+    series, or dense Newton-Schulz; inside custom operators, so no recompilation) returning
+    NaN for batch item 1."""
+    import scm_ops.newton_schulz
+    import scm_ops.structured.chebyshev
+    owner, name = ((scm_ops.structured.chebyshev, "_series_forward") if implementation == "structured"
+                   else (scm_ops.newton_schulz, "newton_schulz_fwd"))
+    original = getattr(owner, name)
+
+    def poisoned(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out[0][1] = float("nan")
+        return out
+
+    model.diffusion.lam.data.fill_(1.0)
+    setattr(owner, name, poisoned)
+    try:
+        return compiled(x)
+    finally:
+        setattr(owner, name, original)
 
 
 def _run_child(implementation, tmp_path):
@@ -110,6 +140,11 @@ def test_compiled_model_matches_eager_with_checks_on(implementation, tmp_path):
     # naming the block and its lam, on both implementations
     assert re.match(r"NewtonSchulzDivergenceError: ActivationDiffusion block 0: lam=20 .*batch item 0",
                     result["diverging"]), result
+    # the last line of defence: a block that turns NaN is named, not passed on
+    assert re.match(r"NonFiniteOutputError: ActivationDiffusion block 0 \(.*\) produced NaN or infinity for "
+                    r"batch item 1 \(lam=1\)", result["non_finite_block"]), result
+    # compiling warns of nothing (no Dynamo warning about tracing through a cache, for one)
+    assert result["warnings"] == [], result["warnings"]
 
 
 def _private_torch_c_names():

@@ -70,6 +70,8 @@ def test_environment_forces_backend(monkeypatch):
      "attention is on cpu but semantic is on meta"),
     (lambda m: m(torch.rand(2, 12), torch.rand(2, 3, 3, 4).int()), TypeError, "semantic must be float"),
     (lambda m: m(torch.rand(2, 12), torch.full((2, 3, 3, 4), float("inf"))), ValueError, "semantic contains NaN"),
+    (lambda m: m(torch.rand(2, 12) - torch.tensor([[0.0], [0.5]]), torch.rand(2, 3, 3, 4)), ValueError,
+     "attention must be non-negative .* batch item 1 has minimum"),
 ])
 def test_module_bad_input_raises(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -90,3 +92,52 @@ def test_checks_off_skip_the_finite_check(monkeypatch):
     module = scm_ops.ActivationDiffusion((3, 4), iterations=(4,))  # (eigh, for p = 16, fails on NaN)
     f, s = module(torch.rand(2, 12), torch.full((2, 3, 3, 4), float("nan")))
     assert torch.isnan(s).all()
+
+
+@pytest.mark.parametrize("connectivity, alpha, lam, blamed", [
+    (4, 1.0, 1.0, "alpha=1 is out of range.*must stay below 0.03125"),      # alpha (2 * 4)^2 >= 2
+    (8, 0.05, 1.0, "alpha=0.05 is out of range.*must stay below 0.0078"),   # alpha (2 * 8)^2 >= 2
+    (4, 0.002, -20.0, "lam=-20 makes Newton-Schulz diverge.*keep lam nearer 1"),
+])
+def test_divergence_names_alpha_or_lam(connectivity, alpha, lam, blamed):
+    """The divergence error blames alpha where even lam = 1 can diverge (sigma_max(L) reaches
+    2 x the largest degree there), lam otherwise; on every route."""
+    s0 = torch.randn(2, 5, 4, 5, generator=torch.Generator().manual_seed(1))
+    for kwargs in (dict(), dict(large_p_route="spectral"), dict(large_p_route="newton_schulz"),
+                   dict(implementation="dense")):
+        module = scm_ops.ActivationDiffusion((4, 5), alpha=alpha, lam=lam, connectivity=connectivity, **kwargs)
+        with pytest.raises(scm_ops.NewtonSchulzDivergenceError, match=blamed):
+            module(torch.rand(2, 4, 5), s0)
+
+
+def _poison_item(item):
+    """A wrapper that sets batch item `item` of a function's first output to NaN."""
+    def wrap(fn):
+        def poisoned(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            first = out[0] if isinstance(out, tuple) else out
+            first[item] = float("nan")
+            return out
+        return poisoned
+    return wrap
+
+
+@pytest.mark.parametrize("route, target, block", [
+    ("chebyshev", "scm_ops.structured.chebyshev._series_forward", 0),
+    ("spectral", "scm_ops.structured.spectral.spectral_filter", 0),
+    ("newton_schulz", "scm_ops.newton_schulz.newton_schulz_fwd", 0),
+    ("matrix-free series", "scm_ops.diffusion.stencil_series", 1),
+])
+def test_non_finite_block_output_is_reported(monkeypatch, route, target, block):
+    """The last line of defence: a block whose output is NaN (here forced, on batch item 1)
+    raises NonFiniteOutputError naming the block, its route, the item and lam, instead of
+    passing NaN on to the loss."""
+    module_name, name = target.rsplit(".", 1)
+    import importlib
+    owner = importlib.import_module(module_name)
+    monkeypatch.setattr(owner, name, _poison_item(1)(getattr(owner, name)))
+    large_p_route = route if route != "matrix-free series" else "chebyshev"
+    module = scm_ops.ActivationDiffusion((4, 5), lam=0.9, large_p_route=large_p_route)
+    with pytest.raises(scm_ops.NonFiniteOutputError,
+                       match=rf"block {block} \({route} route, p=\d+\) .* batch item 1 \(lam=0.9\)"):
+        module(torch.rand(3, 4, 5), torch.randn(3, 2, 4, 5))
