@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -18,22 +20,61 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+TRITON_EXTRA_HINT = ("install it with pip install 'scm-ops[triton]' (PyTorch's CUDA wheels already "
+                     "bring the Triton they were built with), or use backend='torch'")
+
+
+def _find_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# Whether the triton package can be found, decided once at import (without importing it):
+# a constant, so that resolve_backend traces into a torch.compile graph without a break.
+TRITON_INSTALLED = _find_triton()
+_warned_fallback = False
+
+
+def triton_missing_error() -> ImportError:
+    return ImportError(f"the Triton backend of scm_ops needs the triton package, which is not installed: "
+                       f"{TRITON_EXTRA_HINT}")
+
+
 def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
     """The backend an operator runs for `tensor`.
 
     Order: the per-call argument, then the environment variable SCM_OPS_BACKEND, then the
     device: Triton kernels for CUDA tensors, plain PyTorch for everything else.
     A forced Triton backend on a CPU tensor needs TRITON_INTERPRET=1.
+
+    Triton is optional (the extra ``scm-ops[triton]``; PyTorch's CUDA wheels include it).
+    Without it, a Triton backend asked for by name (the argument or SCM_OPS_BACKEND) raises
+    ImportError naming the extra, while the default for a CUDA tensor falls back to
+    "torch" with a one-time RuntimeWarning: the same results, without the fused kernels.
     """
+    global _warned_fallback
     choice = backend if backend is not None else os.environ.get("SCM_OPS_BACKEND") or None
     if choice is None:
-        return "triton" if tensor.is_cuda else "torch"
+        if not tensor.is_cuda:
+            return "torch"
+        if not TRITON_INSTALLED:
+            if not _warned_fallback:
+                _warned_fallback = True
+                warnings.warn("scm_ops: triton is not installed, so CUDA tensors run the PyTorch backend "
+                              f"(same results, without the fused kernels); {TRITON_EXTRA_HINT}",
+                              RuntimeWarning, stacklevel=3)
+            return "torch"
+        return "triton"
     if choice not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {choice!r}")
     if choice == "triton" and not tensor.is_cuda and not interpreting():
         raise ValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
             f"imported to run the kernels on the CPU; got a tensor on {tensor.device}")
+    if choice == "triton" and not TRITON_INSTALLED:
+        raise triton_missing_error()
     return choice
 
 
@@ -124,10 +165,13 @@ def cdiv(a: int, b: int) -> int:
 
 
 def kernel_module(name: str):
-    """Import scm_ops.kernels.<name> (lazily, so TRITON_INTERPRET is read at first use)."""
+    """Import scm_ops.kernels.<name> (lazily, so TRITON_INTERPRET is read at first use, and
+    so that scm_ops imports without Triton: ImportError naming the extra if it is missing)."""
     try:
         return importlib.import_module(f"scm_ops.kernels.{name}")
     except ModuleNotFoundError as err:
+        if err.name is not None and (err.name == "triton" or err.name.startswith("triton.")):
+            raise triton_missing_error() from err
         if err.name not in ("scm_ops.kernels", f"scm_ops.kernels.{name}"):
             raise
         import scm_ops

@@ -5,24 +5,30 @@ kernels, an ``AOT`` table: per kernel the types of its run-time arguments, the i
 its launcher passes and the values of every constexpr that varies at launch (block sizes
 the launcher derives from the input, flags), optionally with ``exclude``: combinations the
 launchers never make; ``CONFIGS`` gives the fixed block sizes and launch options. This
-module compiles every combination for sm_80 (A100) and sm_90 (H100/H200) with an explicit
-``GPUTarget`` (no GPU needed), reads the resources of the compiled cubin (``cuobjdump
---dump-resource-usage``: registers per thread, stack frame, shared memory) and checks them
-against budgets:
+module compiles every combination for each target of CAPABILITIES, sm_75 (T4), sm_80
+(A100), sm_86 (A10, RTX 30), sm_89 (L4, L40, RTX 40) and sm_90 (H100/H200), with an
+explicit ``GPUTarget`` (no GPU needed), reads the resources of the compiled cubin
+(``cuobjdump --dump-resource-usage``: registers per thread, stack frame, shared memory) and
+checks them against budgets:
 
-- shared memory within the chip's opt-in maximum per block;
+- shared memory within the chip's opt-in maximum per block (SHARED_MEMORY_LIMIT);
 - no register spills: for a kernel with a stack frame the spill stores and loads are read
   from ``ptxas -v`` (with Triton's flags) and must be 0 bytes, unless the kernel's AOT
-  entry states ``max_spill_bytes`` (with the reason next to it);
+  entry states ``max_spill_bytes`` (bytes, or a dict of bytes by target, with the reason
+  next to it);
 - registers within ``max_registers`` where the kernel states one (the hardware allows 255).
 
-Run as ``python -m scm_ops.aot [--json FILE]`` (exit status 1 on any failure); it must run
-without TRITON_INTERPRET, which turns kernels into Python.
+bfloat16 variants are compiled for sm_75 too, which has no bfloat16 arithmetic: Triton
+converts in software there, and a bfloat16 input on such a chip launches them.
+
+Run as ``python -m scm_ops.aot [--json FILE] [--sm 80,90]`` (exit status 1 on any
+failure); it must run without TRITON_INTERPRET, which turns kernels into Python.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import itertools
 import json
 import os
@@ -32,11 +38,13 @@ import subprocess
 import sys
 import tempfile
 
-# Shared memory one block may use (opt-in maximum), bytes.
-SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-CAPABILITIES = (80, 90)
+# Shared memory one block may use (opt-in maximum), bytes, by compute capability.
+SHARED_MEMORY_LIMIT = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+CAPABILITIES = (75, 80, 86, 89, 90)
 INPUT_DTYPES = ("fp16", "bf16", "fp32", "fp64")
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
+# Triton's values of the launch options a launcher leaves out (CUDA backend).
+DEFAULT_OPTIONS = {"num_warps": 4, "num_stages": 3}
 
 
 def kernel_modules():
@@ -49,39 +57,62 @@ def kernel_modules():
             yield info.name[len("scm_ops.kernels."):], module
 
 
+def constexpr_names(fn) -> list[str]:
+    """Names of the constexpr parameters of a @triton.jit function, compiled (its params)
+    or interpreted under TRITON_INTERPRET=1 (its annotations)."""
+    params = getattr(fn, "params", None)
+    if params is not None:
+        return [n for n, p in zip(fn.arg_names, params) if p.is_constexpr]
+    parameters = inspect.signature(fn.fn).parameters.values()
+    return [p.name for p in parameters
+            if getattr(p.annotation, "__name__", str(p.annotation)).split(".")[-1] == "constexpr"]
+
+
 def variants(module, kernel_name: str):
     """(input dtype, constexprs, launch options) of every launch the launchers can make."""
     fn = getattr(module, kernel_name)
     entry = module.AOT[kernel_name]
-    names = fn.arg_names
-    constexpr_names = [n for i, n in enumerate(names) if fn.params[i].is_constexpr]
+    constexpr_args = constexpr_names(fn)
     choices = entry.get("choices", {})
     for dtype in entry.get("dtypes", INPUT_DTYPES):
         acc = "fp64" if dtype == "fp64" else "fp32"
         table = module.CONFIGS.get(kernel_name, module.CONFIGS)
         cfg = dict(table[acc])
         options = {k: cfg.pop(k) for k in LAUNCH_OPTIONS if k in cfg}
-        fixed = {k: v for k, v in dict(cfg, IS_FP64=dtype == "fp64").items() if k in constexpr_names}
+        fixed = {k: v for k, v in dict(cfg, IS_FP64=dtype == "fp64").items() if k in constexpr_args}
         for values in itertools.product(*choices.values()):
             constexprs = dict(fixed, **dict(zip(choices, values)))
             if any(all(constexprs.get(k) == v for k, v in rule.items()) for rule in entry.get("exclude", ())):
                 continue  # a combination the launchers never make
-            missing = set(constexpr_names) - set(constexprs)
+            missing = set(constexpr_args) - set(constexprs)
             if missing:
                 raise RuntimeError(f"{kernel_name}: no value for constexpr {sorted(missing)}; add it to the "
                                    "kernel's CONFIGS or to the choices of its AOT entry")
             yield dtype, constexprs, options
 
 
+def launch_key(dtype: str, constexprs: dict, options: dict) -> tuple:
+    """A hashable description of one launch configuration; launch options the launcher
+    leaves out take Triton's defaults (DEFAULT_OPTIONS), as they do when compiled."""
+    return dtype, tuple(sorted(constexprs.items())), tuple(sorted(dict(DEFAULT_OPTIONS, **options).items()))
+
+
+def declared_launches(module, kernel_name: str) -> set:
+    """launch_key of every configuration this module compiles for the kernel: the
+    launches its launcher may make (scm_ops.check compares the launches it records)."""
+    return {launch_key(*v) for v in variants(module, kernel_name)}
+
+
 def signature(module, kernel_name: str, dtype: str) -> dict:
     fn = getattr(module, kernel_name)
     arg_types = module.AOT[kernel_name]["args"]
-    runtime = [n for i, n in enumerate(fn.arg_names) if not fn.params[i].is_constexpr]
+    constexpr_args = constexpr_names(fn)
+    runtime = [n for n in fn.arg_names if n not in constexpr_args]
     if len(runtime) != len(arg_types):
         raise RuntimeError(f"{kernel_name}: {len(runtime)} run-time arguments, its AOT entry lists {len(arg_types)}")
     acc = "fp64" if dtype == "fp64" else "fp32"
     sig = {n: t.replace("in", dtype).replace("acc", acc) for n, t in zip(runtime, arg_types)}
-    sig.update({n: "constexpr" for i, n in enumerate(fn.arg_names) if fn.params[i].is_constexpr})
+    sig.update({n: "constexpr" for n in constexpr_args})
     return sig
 
 
@@ -147,15 +178,23 @@ def compile_all(capabilities=CAPABILITIES, modules=None) -> list[dict]:
     return rows
 
 
+def spill_allowance(entry: dict, capability: int) -> int:
+    """Spill bytes (stored + loaded) an AOT entry allows on a target: its max_spill_bytes, a
+    number for every target or a dict by compute capability; 0 when it states none."""
+    allowed = entry.get("max_spill_bytes", 0)
+    return allowed.get(capability, 0) if isinstance(allowed, dict) else allowed
+
+
 def problems(row: dict, entry: dict, capability: int) -> list[str]:
     """What in one compiled configuration breaks its budgets ([] when it fits)."""
     out = []
     if row["shared_bytes"] > SHARED_MEMORY_LIMIT[capability]:
         out.append(f"shared memory {row['shared_bytes']} B > {SHARED_MEMORY_LIMIT[capability]} B")
     spills = row["spill_store_bytes"] + row["spill_load_bytes"]
-    if spills > entry.get("max_spill_bytes", 0):
+    allowed = spill_allowance(entry, capability)
+    if spills > allowed:
         out.append(f"register spills: {row['spill_store_bytes']} B stored, {row['spill_load_bytes']} B loaded "
-                   f"(stack frame {row['stack_bytes']} B) > budget {entry.get('max_spill_bytes', 0)} B")
+                   f"(stack frame {row['stack_bytes']} B) > budget {allowed} B")
     if row["registers"] > entry.get("max_registers", 255):
         out.append(f"{row['registers']} registers > budget {entry.get('max_registers', 255)}")
     return out
@@ -166,11 +205,22 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the table as JSON to this file")
     parser.add_argument("--module", action="append", help="only this kernel module (e.g. structured.chebyshev); "
                         "repeatable")
+    parser.add_argument("--sm", default=",".join(map(str, CAPABILITIES)),
+                        help="comma-separated compute capabilities to compile for (default: %(default)s)")
     args = parser.parse_args(argv)
+    capabilities = tuple(int(c) for c in args.sm.split(","))
+    unknown = [c for c in capabilities if c not in SHARED_MEMORY_LIMIT]
+    if unknown:
+        parser.error(f"no shared-memory limit known for sm_{unknown[0]}; known: {sorted(SHARED_MEMORY_LIMIT)}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("unset TRITON_INTERPRET: the interpreter does not compile kernels", file=sys.stderr)
         return 2
-    rows = compile_all(modules=args.module)
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("python -m scm_ops.aot needs triton: pip install 'scm-ops[triton]'", file=sys.stderr)
+        return 2
+    rows = compile_all(capabilities, modules=args.module)
     for r in rows:
         verdict = "ok" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])
         print(f"{r['kernel']:28s} {r['dtype']:5s} sm_{r['sm']} regs {r['registers']:3d} stack {r['stack_bytes']:5d} B "
@@ -179,7 +229,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     bad = [r for r in rows if r["problems"]]
-    print(f"{len(rows)} kernel configurations compiled for sm_{'/sm_'.join(map(str, CAPABILITIES))}, "
+    print(f"{len(rows)} kernel configurations compiled for sm_{'/sm_'.join(map(str, capabilities))}, "
           f"{len(bad)} over budget")
     return 1 if bad else 0
 

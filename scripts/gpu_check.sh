@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
-# GPU check: what a first session on a CUDA machine must see, in under 8 minutes on one H200,
-# written to ONE summary file, OUT_DIR/summary.md (each check PASS/FAIL with its numbers):
-#   1. the structured ActivationDiffusion kernels (neighbour cosines, matrix-free series,
-#      every route of the p = 16 block) on grids 14x14, 32x32, 20x20, 7x7, 1x5, 4/8
-#      neighbours, float32/float64, both gradient semantics, B = 64: 20 runs bitwise equal,
-#      and against backend="torch";
-#   2. every operator on non-contiguous inputs, forward and backward, both backends;
-#   3. registers, spills and shared memory of every Triton kernel launched;
-#   4. precision against float64 in float32 and bfloat16, and a subnormal-norm cosine row;
-#   5. torch, CUDA, Triton and driver versions;
-#   6. the benchmarks on CUDA (pytest benchmarks/ --benchmark-only) and their ratio tables.
+# GPU check: what a first run on a CUDA machine must see, written to ONE summary file,
+# OUT_DIR/summary.md:
+#   1. the self-check, python -m scm_ops.check (also installed as scm-ops-check): device,
+#      compute capability and versions; every Triton kernel and ActivationDiffusion (every
+#      large-p route, both gradient semantics, 4 and 8 neighbours, float32/float64/bfloat16,
+#      grids 1 x N, 7 x 9, 14 x 14 and the largest one program holds) against backend="torch",
+#      bitwise repeatability, non-contiguous inputs, launches against the AOT tables,
+#      registers and spills of the kernels launched, the time of each large-p route; one
+#      PASS/FAIL line per check (its output: checks.log, check.json);
+#   2. the benchmarks on CUDA (pytest benchmarks/ --benchmark-only) and their ratio tables.
 # Logs, the benchmark JSON and plots go beside it. The whole test suite on CUDA (~5 min)
 # runs after that only with --with-tests.
 #
@@ -18,8 +17,9 @@
 # The machine needs nothing but this repository and an image python3 with torch, triton,
 # pytest, pytest-benchmark, hypothesis, scipy, matplotlib (no network: the package is
 # installed from this tree with the setuptools already there).
-# CPU dry run of sections 1-5 (Triton interpreter, B = 2, 2 repeats; a few minutes):
-#   TRITON_INTERPRET=1 python scripts/gpu_check.py --small --summary /tmp/summary.md
+# GPU_CHECK_BUDGET_S: the self-check's budget in seconds (default 300; checks not started by
+# then are listed as SKIP). CPU dry run of the self-check (Triton interpreter, small shapes,
+# about a minute): python -m scm_ops.check
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 out=$(realpath -m "${1:?usage: scripts/gpu_check.sh OUT_DIR [--with-tests]}")
@@ -40,24 +40,24 @@ export PYTHONPATH="$site"
 cd "$site"   # never import scm_ops from the source tree
 
 status=0
-echo "== sections 1-5 (scripts/gpu_check.py)"
-timeout 330 python3 -P "$repo/scripts/gpu_check.py" --summary "$summary" --budget-s 240 2>&1 | tee "$out/checks.log"
+echo "== 1. self-check (python -m scm_ops.check)"
+budget=${GPU_CHECK_BUDGET_S:-300}
+timeout $((budget + 120)) python3 -P -m scm_ops.check --budget-s "$budget" --json "$out/check.json" 2>&1 \
+    | tee "$out/checks.log"
 rc=${PIPESTATUS[0]}
-if [ "$rc" -ne 0 ]; then
-    status=1
-    if [ "$rc" -ne 1 ] || [ ! -s "$summary" ]; then   # 1: checks failed (in the summary); else the script died
-        { echo; echo "**FAIL**: scripts/gpu_check.py exited with status $rc (124: time-out); last lines:";
-          echo '```'; tail -20 "$out/checks.log"; echo '```'; } >>"$summary"
-    fi
-fi
+{ echo "# scm_ops GPU check ($(date -u '+%Y-%m-%d %H:%M UTC'))"; echo
+  echo "## 1. Self-check: python -m scm_ops.check (exit status $rc; 124: the time-out cut it)"; echo
+  grep -E '^== (ALL CHECKS PASS|[0-9]+ CHECK)' "$out/checks.log" | sed 's/^== /**/; s/$/**/'; echo
+  echo '```'; cat "$out/checks.log"; echo '```'; } >"$summary"
+[ "$rc" -eq 0 ] || status=1
 
-echo "== 6. benchmarks on CUDA"
+echo "== 2. benchmarks on CUDA"
 # GPU_CHECK_BENCH_ARGS: extra pytest arguments (e.g. "-m quick") when time is short
 timeout 200 python3 -P -m pytest "$repo/benchmarks" -c "$repo/pyproject.toml" --rootdir "$repo" -q \
     -p no:cacheprovider --benchmark-only --benchmark-json="$out/bench.json" ${GPU_CHECK_BENCH_ARGS:-} \
     >"$out/bench.log" 2>&1
 bench_rc=$?
-{ echo; echo "## 6. Benchmarks on CUDA"; echo
+{ echo; echo "## 2. Benchmarks on CUDA"; echo
   echo "\`pytest benchmarks/ --benchmark-only ${GPU_CHECK_BENCH_ARGS:-}\` (exit status $bench_rc; 124: the 200 s time-out cut it); ratios"
   echo "against the published stack from the same run; log: bench.log, plots: bench.png, bench_per_cell.png."
   echo; } >>"$summary"
@@ -77,7 +77,7 @@ if [ "$with_tests" = "--with-tests" ]; then
     timeout 300 python3 -P -m pytest "$repo/tests" -c "$repo/pyproject.toml" --rootdir "$repo" -q \
         -p no:cacheprovider -k "not torchrun" --junitxml="$out/tests.xml" >"$out/tests.log" 2>&1
     tests_rc=$?
-    { echo; echo "## 7. Test suite on CUDA (exit status $tests_rc)"; echo; echo '```'; tail -15 "$out/tests.log"; echo '```'; } \
+    { echo; echo "## 3. Test suite on CUDA (exit status $tests_rc)"; echo; echo '```'; tail -15 "$out/tests.log"; echo '```'; } \
         >>"$summary"
     [ "$tests_rc" -eq 0 ] || status=1
 else
