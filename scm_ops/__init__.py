@@ -29,7 +29,7 @@ __all__ = [
     "spectral_norm_bound",
 ]
 
-from .checks import NonFiniteOutputError
+from .guards import NonFiniteOutputError
 from .diffusion import ActivationDiffusion, localization_map, minmax_normalize
 
 __all__ += ["ActivationDiffusion", "NonFiniteOutputError", "localization_map", "minmax_normalize"]

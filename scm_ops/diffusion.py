@@ -6,7 +6,7 @@ from torch import nn
 
 from ._common import (assert_finite, autocasting, check_float_tensor, check_same, checks_enabled,
                       compute_dtype, resolve_backend, without_autocast)
-from .checks import assert_block_finite, assert_non_negative
+from .guards import assert_block_finite, assert_non_negative
 from .cosine import cosine_similarity
 from .laplacian import spatial_semantic_laplacian
 from .newton_schulz import (assert_block_converges, assert_dense_converges, assert_stencil_converges,
