@@ -152,7 +152,7 @@ def evaluate(model, dataset, desc, keep=6, workers=0, batch=128, f0_only=False, 
     model.eval()
     size = model.backbone.image_size
     ev = BoxEvaluator((size, size))
-    kept = dict(images=[], labels=[], boxes=[], f0=[], s0=[], maps=[], logits=[])
+    kept = dict(images=[], labels=[], boxes=[], f0=[], s0=[], s0_all=[], maps=[], logits=[])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, collate_fn=datasets.collate)
     device = next(model.parameters()).device
     for x, y, boxes in tqdm(loader, desc=desc, disable=not is_main(), mininterval=5, file=sys.stdout):
@@ -165,7 +165,9 @@ def evaluate(model, dataset, desc, keep=6, workers=0, batch=128, f0_only=False, 
             kept["boxes"] += boxes[:keep]
             kept["f0"] += list(f0[:keep].numpy())
             kept["s0"] += list(s0[torch.arange(len(y)), y][:keep].numpy())
+            kept["s0_all"] += list(s0[:keep].numpy())
             kept["maps"] += list(maps[:keep].numpy())
+            kept["logits"] += list(logits[:keep].numpy())
     return ev.compute(), {k: v[:keep] for k, v in kept.items()}
 
 
@@ -193,51 +195,31 @@ def largest_contour_box(cam, size, threshold):
     return x, y, min(x + w, size - 1), min(y + h, size - 1)
 
 
-def figure(path, classes, runs, size):
-    """Per image: the image with the ground-truth box and each model's box, then for each
-    model F0, S0[c] and F0 * S0[c] (c the ground-truth class), each with its colour bar."""
+def figure(path, classes, runs, size, scm_module=None, title=None):
+    """Per test image, one row (examples/scm_figure.py): the image with the ground-truth box
+    and each model's box (largest contour at its best threshold); the SCM model's F0 and F
+    after each block of its trained stack, then the TS-CAM baseline's F0 (one colour scale);
+    the SCM model's S0[c] and the S[c] its training loss saw, then the baseline's S0[c] (one
+    colour scale); the two models' inference maps F0 * S0[c] (one colour scale); c is the
+    true class. Without scm_module the stack's columns are left out."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-    colours = {"baseline": "tab:red", "scm": "tab:blue", "ground truth": "lime"}
-    names = {"baseline": "TS-CAM baseline", "scm": "SCM"}
-    first = next(iter(runs.values()))[0]
-    n = len(first["labels"])
-    cols = 1 + 3 * len(runs)
-    fig, axes = plt.subplots(n, cols, figsize=(2.3 * cols, 2.1 * n + 0.6), squeeze=False)
-    for i in range(n):
-        ax = axes[i, 0]
-        ax.imshow(first["images"][i].transpose(1, 2, 0).clip(0, 1))
-        for b in first["boxes"][i]:
-            ax.add_patch(plt.Rectangle((b[0] - .5, b[1] - .5), b[2] - b[0] + 1, b[3] - b[1] + 1, fill=False,
-                                       ec=colours["ground truth"], lw=1.8))
-        for name, (kept, thr) in runs.items():
-            b = largest_contour_box(kept["maps"][i], size, thr)
-            if b is not None:
-                ax.add_patch(plt.Rectangle((b[0] - .5, b[1] - .5), b[2] - b[0] + 1, b[3] - b[1] + 1, fill=False,
-                                           ec=colours[name], lw=1.5, ls="--"))
-        ax.set_ylabel(str(classes[first["labels"][i]]), fontsize=8)
-        col = 1
-        for name, (kept, _) in runs.items():
-            for title, m in (("F0", kept["f0"][i]), ("S0[c]", kept["s0"][i]), ("F0 * S0[c]", kept["maps"][i])):
-                im = axes[i, col].imshow(m, cmap="jet")
-                cb = fig.colorbar(im, ax=axes[i, col], fraction=0.046, pad=0.03)
-                cb.ax.tick_params(labelsize=6)
-                if i == 0:
-                    axes[i, col].set_title(f"{names[name]}: {title}", fontsize=8)
-                col += 1
-    axes[0, 0].set_title("image, boxes", fontsize=8)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    handles = [Line2D([], [], color=colours["ground truth"], lw=1.8, label="ground truth")]
-    handles += [Line2D([], [], color=colours[k], lw=1.5, ls="--", label=f"{names[k]} box (largest contour, "
-                       f"best threshold)") for k in runs]
-    fig.legend(handles=handles, loc="upper center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / (2.1 * n + 0.6)))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    from scm_figure import render
+    scm, base = runs["scm"][0], runs["baseline"][0]
+    samples = []
+    for i, label in enumerate(scm["labels"]):
+        boxes = {"ground truth": scm["boxes"][i]}
+        for key, name in (("baseline", "TS-CAM baseline"), ("scm", "SCM")):
+            kept, thr = runs[key]
+            box = largest_contour_box(kept["maps"][i], size, thr)
+            if box is not None:
+                boxes[name] = box
+        samples.append(dict(
+            f0=scm["f0"][i], s0=scm["s0_all"][i], label=label, image=scm["images"][i], boxes=boxes,
+            predicted={"SCM": int(np.argmax(scm["logits"][i])), "TS-CAM baseline": int(np.argmax(base["logits"][i]))},
+            extra_f={"TS-CAM baseline: F0": base["f0"][i]}, extra_s={"TS-CAM baseline: S0[c]": base["s0"][i]},
+            extra_maps={"TS-CAM baseline: F0 * S0[c]": base["maps"][i]}))
+    render(samples, scm_module, path=path, class_names=classes, title=title)
 
 
 # ----------------------------------------------------------------------------- main
@@ -399,6 +381,7 @@ def main(argv=None):
             model.backbone.load_state_dict(start.backbone.state_dict())   # the same start for both
             model.head.load_state_dict(start.head.state_dict())
             train(model, data["train"], cfg["epochs"], args.seed + 1, name, cfg["lr"], args.workers, args.batch_size)
+            scm_module = model.scm if name == "scm" else None   # for the figure
             if is_main():
                 torch.save(model.state_dict(), os.path.join(out, f"{name}.pt"))
                 results[name], kept[name] = evaluate(model, data["test"], f"eval {name}")
@@ -429,7 +412,9 @@ def main(argv=None):
             margins = ", ".join(f"{n} {table[n]['gt_known_loc'] - floor:+.1f}" for n in ("baseline", "scm"))
             log(f"\nGT-known Loc above the best floor ({floor:.1f}): {margins} points")
             figure(os.path.join(out, "figure.png"), classes,
-                   {n: (kept[n], results[n]["best_threshold"]) for n in ("baseline", "scm")}, size)
+                   {n: (kept[n], results[n]["best_threshold"]) for n in ("baseline", "scm")}, size, scm_module,
+                   title=f"{args.mode} mode, seed {args.seed}, first test images: the SCM model at work, "
+                         f"the TS-CAM baseline's F0, S0[c], inference map and box beside it")
             log(f"wrote {out}/metrics.json, figure.png, baseline.pt, scm.pt in {time.time() - t0:.0f} s")
         else:
             log(f"wrote {args.save_backbone} and {out}/metrics.json in {time.time() - t0:.0f} s")
