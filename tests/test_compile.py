@@ -122,6 +122,7 @@ def _run_child(implementation, tmp_path):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow                      # 40-60 s each: a fresh process compiles with an empty cache
 @pytest.mark.parametrize("implementation", ["structured", "dense"])
 def test_compiled_model_matches_eager_with_checks_on(implementation, tmp_path):
     result = _run_child(implementation, tmp_path)

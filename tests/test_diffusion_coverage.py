@@ -184,8 +184,8 @@ ONE_ROW_TOLERANCE = {
 @pytest.mark.parametrize("grid", [(1, 5), (5, 1)])
 def test_one_row_or_column_grids_with_eight_neighbours(device, backend, grid, route):
     """On a one-row grid the flat shift of a diagonal offset (W + 1) reaches past the last
-    cell; with B = 1 that once crashed the flat-cell PyTorch path (found by
-    scripts/gpu_check.py). float64, one image, every large-p route."""
+    cell: the flat-cell PyTorch path must skip it (with B = 1 it has no next image to land
+    in). float64, one image, every large-p route."""
     module = scm_ops.ActivationDiffusion(grid, connectivity=8, large_p_route=route, backend=backend).to(device)
     f, s = make_inputs(1, 3, grid, torch.float64, device)
     assert_within(errors(module, f, s), ONE_ROW_TOLERANCE[route])

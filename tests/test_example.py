@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 sys.path.insert(0, EXAMPLES)
@@ -30,6 +31,7 @@ def test_synthetic_data_is_deterministic_disjoint_and_boxed():
         assert 0 < (near & m).sum() < 0.35 * m.sum()
 
 
+@pytest.mark.slow                      # about 30 s: two processes train both models
 def test_quick_mode_localises_under_torchrun_with_two_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
