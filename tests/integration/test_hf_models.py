@@ -123,19 +123,7 @@ class WithF0(torch.nn.Module):
         return tokens[:, 0], self.recorder.attention_map()
 
 
-def test_compiles_with_fullgraph_and_matches_eager():
-    from torch._dynamo.testing import CompileCounterWithBackend
-    torch._dynamo.reset()
-    model = WithF0(create("deit", "sdpa"))
-    images = torch.randn(2, 3, 224, 224)
-    with torch.no_grad():
-        _, f0 = model(images)
-        backend = CompileCounterWithBackend("aot_eager")
-        compiled = torch.compile(model, fullgraph=True, backend=backend)
-        for _ in range(2):
-            _, c_f0 = compiled(images)
-    assert backend.frame_count == 1
-    err = (c_f0 - f0).abs().max().item()
+def test_compiles_with_fullgraph_and_matches_eager(compiled_f0_error):
+    err = compiled_f0_error(WithF0(create("deit", "sdpa")), torch.randn(2, 3, 224, 224))
     print(f"\nHF deit compiled (fullgraph, aot_eager) against eager: F0 max abs error {err:.2e}")
     assert err < 1e-5
-    torch._dynamo.reset()
