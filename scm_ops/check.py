@@ -706,6 +706,15 @@ def time_routes(report: Report, ctx: Context) -> None:
             report.result("TIME", "timing", route, "; ".join(parts), time.monotonic() - t0)
         except Exception as err:  # noqa: BLE001
             report.error("timing", route, err, time.monotonic() - t0)
+    try:
+        from .route_choice import explain_large_p_route
+        model, s = ActivationDiffusion(grid, iterations).to(ctx.device), s0.clone().requires_grad_(True)
+        if ctx.device.type == "cuda":   # a first call measures the routes (route_choice), or reads the cache
+            out_f, out_s = model(f0, s)
+            (out_f.sum() + out_s.sum()).backward()
+        report.line(f"      default route (large_p_route=None) here: {explain_large_p_route(model, s)}")
+    except Exception as err:  # noqa: BLE001
+        report.error("timing", "default route", err)
 
 
 # -- header and main ----------------------------------------------------------------------------

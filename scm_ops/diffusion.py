@@ -28,17 +28,20 @@ FLOAT64_SPECTRAL_MAX_CELLS = 1024
 
 
 def default_large_p_route(device: torch.device, grid_size=None) -> str:
-    """The route of blocks with 2^p > MATRIX_FREE_MAX_STEPS on `device` for an (H, W) grid:
-    the Chebyshev series, on every device and grid.
+    """The static route of blocks with 2^p > MATRIX_FREE_MAX_STEPS on `device` (a
+    torch.device) for an (H, W) grid: the Chebyshev series, on every device and grid. It is
+    what runs without a measurement: on CPU tensors, with SCM_OPS_ROUTE_TUNING=0, and inside
+    torch.compile without a cached choice. On CUDA tensors the first call of a configuration
+    times every route and keeps the fastest (scm_ops/route_choice.py); this route is the
+    first candidate and wins ties.
 
     CPU: measured faster than the spectral form at 14 x 14 (B = 64), 28 x 28 (B = 16) and
     56 x 56 (B = 4), C = 200, on every input family (docs/structured.md, "Choosing a
-    route"); its cost grows as N, the others' as N^3. GPU (not measured: no GPU was
-    available): on the Triton backend one program per image runs each pass of the series
-    (grids up to chebyshev_max_cells: 1024 cells with 4 neighbours, 256 with 8; PyTorch
-    above), keeping O(N) per image where dense Newton-Schulz keeps 2p N x N iterates;
-    scripts/gpu_check.sh times every route side by side to settle it. `grid_size` is
-    accepted for a rule that depends on the grid."""
+    route"); its cost grows as N, the others' as N^3. GPU: on the Triton backend one program
+    per image runs each pass of the series (grids up to chebyshev_max_cells: 1024 cells with
+    4 neighbours, 256 with 8; PyTorch above), keeping O(N) per image where dense
+    Newton-Schulz keeps 2p N x N iterates. `grid_size` is accepted for a rule that depends
+    on the grid."""
     return "chebyshev"
 
 
@@ -277,16 +280,16 @@ class ActivationDiffusion(nn.Module):
         return f, ScalePatches.apply(s, scale, slot, None if slot is None else e.grad_fn)
 
     def _large_p_route(self, s):
-        """large_p_route, or the default: default_large_p_route(device, grid), except that
-        float64 inputs on grids up to FLOAT64_SPECTRAL_MAX_CELLS take the spectral form,
-        exact up to rounding (~1e-15), where the series stops at its float64 truncation
-        tolerance (~1e-11 relative at the block)."""
+        """The route of the large-p blocks for semantic maps s [B, C, H, W] (compute dtype):
+        large_p_route; else route_choice.choose_large_p_route: SCM_OPS_LARGE_P_ROUTE; the
+        spectral form for float64 inputs on grids up to FLOAT64_SPECTRAL_MAX_CELLS (exact
+        up to rounding); on CUDA the route measured fastest for this configuration (cached
+        in memory and on disk); else default_large_p_route(device, grid). Decided at
+        forward, so the backward runs the same route."""
         if self.large_p_route is not None:
             return self.large_p_route
-        H, W = s.shape[-2:]
-        if s.dtype == torch.float64 and H * W <= FLOAT64_SPECTRAL_MAX_CELLS:
-            return "spectral"
-        return default_large_p_route(s.device, (H, W))
+        from .route_choice import choose_large_p_route
+        return choose_large_p_route(self, s)
 
     def _forward_dense(self, f, s, lam, beta, backend):
         """The published formulation, block by block, on scm_ops' three operators."""

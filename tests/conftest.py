@@ -15,6 +15,9 @@ DEVICE = device_under_test()
 if DEVICE.type == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.pop("SCM_OPS_BACKEND", None)
+# On a GPU the default large-p route would be measured and cached on disk at first use; the
+# tests pin what they test (tests/test_route_choice.py switches measuring on where it tests it).
+os.environ.setdefault("SCM_OPS_ROUTE_TUNING", "0")
 
 
 @pytest.fixture(autouse=True)
