@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..newton_schulz import NewtonSchulzDivergenceError, divergence
-from .stencil import (OFFSETS, FlatStencil, StencilReader, flat_launch, grid_masks, program_backend,
+from .stencil import (OFFSETS, FlatStencil, PaddedRows, StencilReader, flat_launch, grid_masks, program_backend,
                       program_max_cells, sigma_max_bound)
 
 __all__ = ["ChebyshevFilter", "chebyshev_filter", "chebyshev_coefficients", "chebyshev_max_cells", "series_radius",
@@ -155,57 +155,106 @@ def series_radius(w: torch.Tensor, d: torch.Tensor, offsets, alpha: float, sigma
     return radius if math.isfinite(radius) else 1.0
 
 
-def _basis(f, scaled, degree):
-    """Forward basis for flat F [B N]: vy [degree + 1, 2, B N] with vy[k, 0] = v_k = T_k(Y) F
-    (k <= degree) and vy[k, 1] = y_k = Lh v_k (k < degree), where Y = I - (2/R^2) Z =
-    I - Lh^2 / 2 and Lh = (2/R) L (`scaled`)."""
-    vy = f.new_empty(degree + 1, 2, f.shape[-1])
-    vy[0, 0] = f
-    scaled.matmul_into(f, vy[0, 1])
-    scaled.matmul_into(vy[0, 1], vy[1, 0])
-    torch.add(f, vy[1, 0], alpha=-0.5, out=vy[1, 0])             # v_1 = Y F
+def _basis(f, scaled, c_phi, degree, keep):
+    """Forward basis for flat F [B N]: v_k = T_k(Y) F for k <= degree, where
+    Y = I - (2/R^2) Z = I - Lh^2 / 2 and Lh = (2/R) L (`scaled`), by y_k = Lh v_k and
+    v_{k+1} = 2 v_k - v_{k-1} - Lh y_k. Returns (phi(Z) F = sum_k c_k v_k [B N] for the
+    forward coefficients c_phi [n_phi + 1], the basis v [degree + 1, B N] or None without
+    `keep`).
+
+    A step is two stencil products, a lerp, a term of the sum and (with `keep`) one copy:
+    v_k and v_{k-1} take turns in two padded rows (v_{k+1} overwrites v_{k-1}) and y_k has
+    a third (PaddedRows), so every shifted view is built once, before the loop."""
+    cells = f.shape[-1]
+    coef = c_phi.tolist()
+    basis = f.new_empty(degree + 1, cells) if keep else None
+    kept = basis.unbind(0) if keep else ()
+    work = PaddedRows(3, cells, scaled.reach, f)                # rows 0-1: v (in turn), row 2: y
+    v, y = [work.row(j) for j in range(2)], work.row(2)
+    of_v, of_y = [scaled.terms(work, j) for j in range(2)], scaled.terms(work, 2)
+    v[0].copy_(f)
+    scaled.matmul_into(of_v[0], y)                              # y_0 = Lh F
+    scaled.matmul_into(of_y, v[1])
+    torch.add(f, v[1], alpha=-0.5, out=v[1])                    # v_1 = Y F
+    phi_f = f * coef[0]
+    if keep:
+        kept[0].copy_(f)
     for k in range(1, degree):
-        scaled.matmul_into(vy[k, 0], vy[k, 1])
-        torch.lerp(vy[k - 1, 0], vy[k, 0], 2.0, out=vy[k + 1, 0])  # 2 v_k - v_{k-1}
-        scaled.subtract_product(vy[k, 1], vy[k + 1, 0])             # - Lh^2 v_k
-    vy[degree, 1].zero_()
-    return vy
+        now, before = k % 2, (k - 1) % 2
+        scaled.matmul_into(of_v[now], y)                        # y_k = Lh v_k
+        if keep:
+            kept[k].copy_(v[now])
+        if k < len(coef):
+            phi_f.add_(v[now], alpha=coef[k])
+        v[before].lerp_(v[now], 2.0)                            # v_{k+1} = 2 v_k - v_{k-1}
+        scaled.subtract_product(of_y, v[before])                #           - Lh^2 v_k
+    if keep:
+        kept[degree].copy_(v[degree % 2])
+    if degree < len(coef):
+        phi_f.add_(v[degree % 2], alpha=coef[degree])
+    return phi_f, basis
 
 
-def _adjoint_sweep(h, coef, scaled, vy, radius, offsets, width):
-    """Reverse pass (Clenshaw) for cotangents h [S, B N] (stream 0: L g for phi; stream 1,
-    if present: g for psi) on sum_k c_k[s] v_k, coef [degree + 1, S] zero-padded:
-        b_k = c_k h + 2 Y b_{k+1} - b_{k+2} (k >= 1),   b_0 = c_0 h + Y b_1 - b_2.
-    Each b_{k+1} is paired with the basis as it is produced (StencilReader), so no adjoint
-    is kept: the pairs (b_phi ↔ y_k) and (Lh b_phi + (2/R) b_psi ↔ v_k), weight 2 (1 at
-    k = 0). Returns (b_0 of stream 0, the reader)."""
-    S, BN = h.shape
-    degree = coef.shape[0] - 1
-    c = coef.to(h.dtype)[:, :, None]
-    # three rotating slots of [2S, BN]: rows 0, 2.. hold Lh b of each stream, rows 1, 3.. b
-    slots = h.new_zeros(3, S, 2, BN)
-    reader = StencilReader(h.new_empty(2, BN), offsets, width)
-    pair = h.new_empty(2, BN)
-    b_next, b_next2 = slots[degree % 3], slots[(degree + 1) % 3]
-    torch.mul(c[degree], h, out=b_next[:, 1])
+def _adjoint_sweep(g, lg, coef, scaled, basis, radius, offsets, width):
+    """Reverse pass (Clenshaw) of sum_k c_k v_k for the cotangent g [B N] of u (lg = L g),
+    coef [degree + 1, S] zero-padded (column 0: phi; column 1, if present: psi). For a
+    series with cotangent h (L g for phi, g for psi) the adjoints are
+        b_k = c_k h + 2 Y b_{k+1} - b_{k+2} (k >= 1),   b_0 = c_0 h + Y b_1 - b_2,
+    and b_{k+1} is read against the basis, with weight -2/R (-1/R at k = 0), as the pairs
+    (Lh b_phi + (2/R) b_psi <-> v_k) and (b_phi <-> y_k) (StencilReader), as it is
+    produced: no adjoint is kept. Returns (b_0 of phi = dF [B N], the reader); the caller
+    adds the g (phi(Z) F)^T term.
+
+    With psi (S = 2) the second stream carries e = Lh b_phi + (2/R) b_psi instead of b_psi:
+    Lh commutes with Y, so e obeys the same recurrence, with cotangent
+    c_phi Lh L g + (2/R) c_psi g, and is read against v_k as it stands. Two slots take
+    turns (b_k overwrites b_{k+2}), each of 2S + 2 padded rows (PaddedRows)
+    [Lh b (S rows), y_k, b (S rows), v_k], b = (b_phi) or (e, b_phi): one stencil product
+    maps rows S + 1 .. 2S + 1 to rows 0 .. S, i.e. Lh of the streams and y_k = Lh v_k,
+    recomputed from the kept v_k. With S = 2 the reading is one two-row term, p = rows
+    2-3 (y_k, e) against q = rows 4-5 (b_phi, v_k); with S = 1 two one-row terms,
+    (Lh b_phi, v_k) and (b_phi, y_k). A step is two stencil products, one copy of v_k, the
+    reading, a lerp and the cotangent terms, on views built once, before the loop."""
+    degree, S = coef.shape[0] - 1, coef.shape[1]
+    cells = g.shape[-1]
+    c_phi = coef[:, 0].tolist()
+    c_psi = (coef[:, 1] * (2.0 / radius)).tolist() if S == 2 else None
+    h = torch.stack([scaled.matmul(lg), lg]) if S == 2 else lg[None]   # cotangents of b, times c_phi
+    size = 2 * S + 2                                            # rows of a slot
+    work = PaddedRows(2 * size, cells, scaled.reach, g)
+    b = [work.rows(size * j + S + 1, S) for j in range(2)]
+    e = [work.row(size * j + S + 1) for j in range(2)]                  # with S = 2
+    v = [work.row(size * j + 2 * S + 1) for j in range(2)]
+    of_b = [scaled.terms(work, size * j + S + 1, S + 1) for j in range(2)]
+    of_lb = [scaled.terms(work, size * j, S) for j in range(2)]
+    out = [work.rows(size * j, S + 1) for j in range(2)]
+    reader = StencilReader(S, cells, offsets, width, g)
+    if S == 2:
+        reads = [reader.bind(work, size * j + 2, work, size * j + 4, 2) for j in range(2)]
+    else:
+        reads = [reader.bind(work, size * j, work, size * j + 3, 1) +
+                 reader.bind(work, size * j + 2, work, size * j + 1, 1) for j in range(2)]
+    kept = basis.unbind(0)
+    first = degree % 2
+    torch.mul(h, c_phi[degree], out=b[first])                   # b_n = c_n h
+    if S == 2:
+        e[first].add_(g, alpha=c_psi[degree])
     for k in range(degree - 1, -1, -1):
-        scaled.matmul_into(b_next[:, 1], b_next[:, 0])             # Lh b_{k+1}
-        b_k = slots[k % 3]
-        # the pairs of b_{k+1} with v_k and y_k
-        if S == 2:
-            torch.add(b_next[0, 0], b_next[1, 1], alpha=2.0 / radius, out=pair[0])
-        else:
-            pair[0] = b_next[0, 0]
-        pair[1] = b_next[0, 1]
-        reader.add(pair, vy[k], 2.0 if k else 1.0)
+        now, after = k % 2, (k + 1) % 2                         # slot `now` holds b_{k+2}, then b_k
+        v[after].copy_(kept[k])
+        scaled.matmul_into(of_b[after], out[after])             # Lh b_{k+1} and y_k = Lh v_k
+        reader.add(reads[after], (-2.0 if k else -1.0) / radius)
         if k == 0:
-            first = c[0, 0] * h[0] + b_next[0, 1] - b_next2[0, 1]
-            return scaled.subtract_product(b_next[0, 0], first.mul_(2)).mul_(0.5), reader
-        torch.lerp(b_next2[:, 1], b_next[:, 1], 2.0, out=b_k[:, 1])   # 2 b_{k+1} - b_{k+2}
-        b_k[:, 1].addcmul_(c[k], h)
-        scaled.subtract_product(b_next[:, 0], b_k[:, 1])             # - Lh^2 b_{k+1}
-        b_next2, b_next = b_next, b_k
-    raise AssertionError("unreachable: degree >= 2")
+            break
+        b[now].lerp_(b[after], 2.0)                             # 2 b_{k+1} - b_{k+2}
+        b[now].add_(h, alpha=c_phi[k])
+        if S == 2:
+            e[now].add_(g, alpha=c_psi[k])
+        scaled.subtract_product(of_lb[after], b[now])           # - Lh^2 b_{k+1}
+    # b_0 of phi (the last b row): c_0 L g + Y b_1 - b_2, with b_1 in slot 1 and b_2 in slot 0
+    b_0 = (lg * c_phi[0] + b[1][-1] - b[0][-1]).mul_(2)
+    scaled.subtract_product(scaled.terms(work, size + S - 1), b_0)   # Lh (Lh b_1)
+    return b_0.mul_(0.5), reader
 
 
 class SeriesPlan(NamedTuple):
@@ -277,35 +326,34 @@ def _backward_triton(grad_u, w, d, vy, phi_f, plan, offsets):
 
 
 def _series_forward(f, w, d, plan, offsets, backend="torch", keep_basis=True):
-    """(u [B, H, W], basis vy [n + 1, 2, B N] or None without keep_basis, phi(Z) F [B N])
-    for a plan of _series_plan; float64 inputs."""
+    """(u [B, H, W], the basis or None without keep_basis, phi(Z) F [B N]) for a plan of
+    _series_plan; float64 inputs. The basis is v_k [n + 1, B N] on the PyTorch path (its
+    backward recomputes y_k = Lh v_k) and (v_k, y_k) [n + 1, 2, B N] on the Triton path."""
     if _chebyshev_backend(backend, f, offsets) == "triton":
         return _forward_triton(f.contiguous(), w.contiguous(), d.contiguous(), plan, offsets, keep_basis)
-    c_phi = plan.c_phi
-    degree = plan.degree if keep_basis else c_phi.shape[0] - 1
-    vy = _basis(f.reshape(-1), FlatStencil(w, d, offsets, 2.0 / plan.radius), degree)
-    phi_f = torch.tensordot(c_phi.to(f.dtype), vy[:c_phi.shape[0], 0], 1)
-    u = FlatStencil(w, d, offsets).matmul_into(phi_f, torch.empty_like(phi_f))
-    return u.reshape(f.shape), (vy if keep_basis else None), phi_f
+    degree = plan.degree if keep_basis else plan.c_phi.shape[0] - 1
+    scaled = FlatStencil(w, d, offsets, 2.0 / plan.radius)
+    phi_f, basis = _basis(f.reshape(-1), scaled, plan.c_phi, degree, keep_basis)
+    u = FlatStencil(w, d, offsets).matmul(phi_f)
+    return u.reshape(f.shape), basis, phi_f
 
 
-def _series_backward(grad_u, w, d, vy, phi_f, plan, offsets, backend="torch"):
+def _series_backward(grad_u, w, d, basis, phi_f, plan, offsets, backend="torch"):
     """(dF, dw, dd) from the basis that _series_forward kept; float64 inputs."""
     if _chebyshev_backend(backend, grad_u, offsets) == "triton":
-        return _backward_triton(grad_u.contiguous(), w.contiguous(), d.contiguous(), vy, phi_f, plan, offsets)
-    radius, coef = plan.radius, plan.coef
+        return _backward_triton(grad_u.contiguous(), w.contiguous(), d.contiguous(), basis, phi_f, plan, offsets)
     B, H, W = grad_u.shape
     g = grad_u.reshape(-1)
-    L = FlatStencil(w, d, offsets)
-    Lg = L.matmul_into(g, torch.empty_like(g))
-    h = torch.stack([Lg, g]) if coef.shape[1] == 2 else Lg[None]
-    grad_f, reader = _adjoint_sweep(h, coef, FlatStencil(w, d, offsets, 2.0 / radius), vy, radius, offsets, W)
+    lg = FlatStencil(w, d, offsets).matmul(g)
+    scaled = FlatStencil(w, d, offsets, 2.0 / plan.radius)
+    grad_f, reader = _adjoint_sweep(g, lg, plan.coef, scaled, basis, plan.radius, offsets, W)
+    outer = PaddedRows(2, g.shape[0], scaled.reach, g)          # + g (phi(Z) F)^T
+    outer.row(0).copy_(g)
+    outer.row(1).copy_(phi_f)
+    reader.add(reader.bind(outer, 0, outer, 1, 1))
     valid, _ = grid_masks(H, W, 2 * len(offsets), w.dtype, w.device)
-    grad_w, grad_d = reader.result((B, H, W), valid, -1.0 / radius)
-    outer = StencilReader(g, offsets, W)                             # g (phi(Z) F)^T
-    outer.add(g, phi_f)
-    gw, gd = outer.result((B, H, W), valid, 1.0)
-    return grad_f.reshape(B, H, W), grad_w + gw, grad_d + gd
+    grad_w, grad_d = reader.result((B, H, W), valid)
+    return grad_f.reshape(B, H, W), grad_w, grad_d
 
 
 class ChebyshevFilter(torch.autograd.Function):
@@ -316,8 +364,9 @@ class ChebyshevFilter(torch.autograd.Function):
     The degree n follows from R (rounded up, see rounded_radius) and DEGREE_TOLERANCE of the
     dtype; `info` (a dict, optional) receives the radius and degrees. The recurrence runs in
     float64 (WORKING_DTYPE) for every input dtype. Saves for backward the basis
-    v_k = T_k(Y) F and y_k = Lh v_k (Lh = (2/R) L): 2 (n + 1) B N float64 elements, besides
-    w, d and phi(Z) F; the backward adds O(B N) (its adjoints are read as they are made).
+    v_k = T_k(Y) F, (n + 1) B N float64 elements (the Triton path also keeps y_k = Lh v_k,
+    Lh = (2/R) L, which the PyTorch backward recomputes), besides w, d and phi(Z) F; the
+    backward adds O(B N) (its adjoints are read as they are made).
     Backward, with cotangent g of u:
         dF = X_p g  (stream 0 of the reverse recurrence, started from L g),
         dL = g (phi(Z) F)^T + G_phi L + L G_phi  [+ G_psi for the published gradient],

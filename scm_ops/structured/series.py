@@ -8,50 +8,68 @@ from __future__ import annotations
 
 import torch
 
-from .stencil import OFFSETS, FlatStencil, StencilReader, flat_launch, grid_masks, program_backend, program_max_cells
+from .stencil import (OFFSETS, FlatStencil, PaddedRows, StencilReader, flat_launch, grid_masks, program_backend,
+                      program_max_cells)
 
 __all__ = ["StencilSeries", "series_max_cells", "stencil_series"]
 
 
-def _series_fwd_torch(f, w, d, alpha, steps, offsets):
+def _series_fwd_torch(f, w, d, alpha, steps, offsets, rows=2):
     """The steps on flat vectors (FlatStencil). Keeps, per step, q_j = (-x_j, alpha r_j)
-    as [steps, 2, B N]: with these signs and scale x_{j+1} = x_j + L (alpha r_j) and the
-    backward's stencil entries are plain sums of products (see _series_bwd_torch)."""
+    as [steps, rows, B N], the first `rows` of the two (the published gradient needs -x_j
+    only): with these signs and scale x_{j+1} = x_j + L (alpha r_j) and the backward's
+    stencil entries are plain sums of products (see _series_bwd_torch).
+
+    A step is two stencil products and one copy into q: the iterates live in two padded
+    slots (-x, alpha r) (PaddedRows) that take turns, their shifted views built once."""
     B, H, W = f.shape
+    cells = B * H * W
     L = FlatStencil(w, d, offsets)
     neg_alpha_l = FlatStencil(w, d, offsets, -alpha)
     alpha_f = alpha * f.reshape(-1)
-    q = f.new_empty(steps, 2, B * H * W)
-    last = f.new_empty(B * H * W)                           # -x_steps
-    q[0, 0].zero_()
-    for j in range(steps):
-        q[j, 1] = alpha_f
-        neg_alpha_l.subtract_product(q[j, 0], q[j, 1])      # alpha r_j = alpha (F - L x_j)
-        following = q[j + 1, 0] if j + 1 < steps else last
-        following.copy_(q[j, 0])
-        L.subtract_product(q[j, 1], following)              # -x_{j+1} = -x_j - L alpha r_j
-    return -last.reshape(B, H, W), q
+    q = f.new_empty(steps, rows, cells)
+    work = PaddedRows(4, cells, L.reach, f)                 # slot j: rows 2j (-x), 2j + 1 (alpha r); x_0 = 0
+    x = [work.row(2 * j) for j in range(2)]
+    r = [work.row(2 * j + 1) for j in range(2)]
+    pair = [work.rows(2 * j, rows) for j in range(2)]
+    of_x = [neg_alpha_l.terms(work, 2 * j) for j in range(2)]
+    of_r = [L.terms(work, 2 * j + 1) for j in range(2)]
+    for j, kept in enumerate(q.unbind(0)):
+        now, after = j % 2, (j + 1) % 2
+        neg_alpha_l.subtract_product(of_x[now], r[now], start=alpha_f)   # alpha r_j = alpha (F - L x_j)
+        kept.copy_(pair[now])
+        L.subtract_product(of_r[now], x[after], start=x[now])           # -x_{j+1} = -x_j - L alpha r_j
+    return -x[steps % 2].reshape(B, H, W), q
 
 
 def _series_bwd_torch(grad_u, w, d, q, alpha, offsets, exact):
     """From a = du, for j = steps-1 .. 0: b_j = alpha L a_{j+1}, a_j = a_{j+1} - L b_j;
     dF = sum_j b_j and the stencil entries of sum_j b_j (-x_j)^T [+ a_{j+1} (alpha r_j)^T],
-    read as each pair is made (StencilReader)."""
+    read as each pair is made (StencilReader).
+
+    A step is two stencil products, one copy of q_j into padded rows, the reading and the
+    sum; every view is built once, before the loop."""
     B, H, W = grad_u.shape
+    cells = B * H * W
     L = FlatStencil(w, d, offsets)
     alpha_l = FlatStencil(w, d, offsets, alpha)
     rows = 2 if exact else 1
-    pair = grad_u.new_empty(2, B * H * W)                   # (b_j, a_{j+1}), then a_j in row 1
-    pair[1] = grad_u.reshape(-1)
-    grad_f = torch.zeros_like(pair[0])
-    reader = StencilReader(pair[:rows], offsets, W)
-    for j in range(q.shape[0] - 1, -1, -1):
-        alpha_l.matmul_into(pair[1], pair[0])
-        reader.add(pair[:rows], q[j, :rows])
-        grad_f += pair[0]
-        L.subtract_product(pair[0], pair[1])
+    work = PaddedRows(4, cells, L.reach, grad_u)            # rows (b_j, a_{j+1}), then q_j[:rows]
+    b, a = work.row(0), work.row(1)
+    a.copy_(grad_u.reshape(-1))
+    of_a, of_b = alpha_l.terms(work, 1), L.terms(work, 0)
+    basis = work.rows(2, rows)
+    reader = StencilReader(rows, cells, offsets, W, grad_u)
+    read = reader.bind(work, 0, work, 2, rows)
+    grad_f = torch.zeros_like(b)
+    for kept in reversed(q[:, :rows].unbind(0)):
+        alpha_l.matmul_into(of_a, b)                        # b_j = alpha L a_{j+1}
+        basis.copy_(kept)
+        reader.add(read)
+        grad_f += b
+        L.subtract_product(of_b, a)                         # a_j = a_{j+1} - L b_j
     valid, _ = grid_masks(H, W, 2 * len(offsets), w.dtype, w.device)
-    grad_w, grad_d = reader.result((B, H, W), valid, 1.0)
+    grad_w, grad_d = reader.result((B, H, W), valid)
     return grad_f.reshape(B, H, W), grad_w, grad_d
 
 
@@ -99,7 +117,7 @@ class StencilSeries(torch.autograd.Function):
 
     Inputs F [B, H, W], w [B, K, H, W], d [B, H, W]; returns u [B, H, W]. Saves the 2^p
     iterates and residuals (2 x [2^p, B, H, W]; the PyTorch path keeps them as -x_j and
-    alpha r_j). Backward, with a_J = du,
+    alpha r_j, and for the published gradient, which does not read r_j, -x_j only). Backward, with a_J = du,
     b_j = alpha L a_{j+1}, a_j = a_{j+1} - L b_j:
         dF = sum_j b_j,
         dL = sum_j alpha a_{j+1} r_j^T - b_j x_j^T   (exact: the outer alpha L of every
@@ -118,7 +136,7 @@ class StencilSeries(torch.autograd.Function):
             u, xs, rs = _series_fwd_triton(f, w, d, alpha, 2 ** iterations, offsets)
             ctx.save_for_backward(w, d, xs, rs)
         else:
-            u, q = _series_fwd_torch(f, w, d, alpha, 2 ** iterations, offsets)
+            u, q = _series_fwd_torch(f, w, d, alpha, 2 ** iterations, offsets, 2 if exact else 1)
             ctx.save_for_backward(w, d, q)
         ctx.args = (alpha, offsets, exact, backend)
         return u

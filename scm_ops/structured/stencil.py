@@ -19,8 +19,8 @@ import torch
 from .._common import kernel_config
 from .._common import kernel_module as load_kernel_module
 
-__all__ = ["OFFSETS", "FlatStencil", "Stencil", "StencilReader", "flat_launch", "grid_masks", "shift",
-           "program_backend", "program_block", "program_max_cells", "stencil_to_dense",
+__all__ = ["OFFSETS", "FlatStencil", "PaddedRows", "Stencil", "StencilReader", "flat_launch", "flat_shifts",
+           "grid_masks", "shift", "program_backend", "program_block", "program_max_cells", "stencil_to_dense",
            "product_stencil_entries", "sigma_max_bound"]
 
 OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}
@@ -150,71 +150,157 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     return torch.cat([(a[i:i + chunk] * b[i:i + chunk]).sum(-1) for i in range(0, a.shape[0], chunk)])
 
 
+def flat_shifts(offsets, width: int, cells: int):
+    """(k, m_k) for the offsets whose flat shift m_k = dr W + dc pairs some cells of a flat
+    vector of `cells` cells (m_k < cells; a one-row grid's larger shifts pair nothing)."""
+    return [(k, dr * width + dc) for k, (dr, dc) in enumerate(offsets) if dr * width + dc < cells]
+
+
+class PaddedRows:
+    """`rows` flat vectors of n cells in one zero-filled buffer, each row with at least `pad`
+    zeros on either side (shared between neighbouring rows). Reading rows at cells n + s,
+    |s| <= pad, is then a view: [count, n] (`rows`) or, for s = start + i step, i < length,
+    [length, count, n] (`stacked`); past either end of a row it reads zeros. Views are
+    built once, before a loop; writes go through `rows` views (never into the padding)."""
+
+    def __init__(self, rows: int, cells: int, pad: int, like: torch.Tensor):
+        self.cells, self.pad, self.stride = cells, pad, cells + pad
+        self.flat = like.new_zeros(pad + rows * self.stride)
+
+    def rows(self, first: int, count: int = 1, shift: int = 0) -> torch.Tensor:
+        """[count, n]: rows first .. first + count - 1 read at cells n + shift."""
+        return self.flat.as_strided((count, self.cells), (self.stride, 1), self.pad + first * self.stride + shift)
+
+    def row(self, index: int, shift: int = 0) -> torch.Tensor:
+        """[n]: one row read at cells n + shift."""
+        return self.flat.as_strided((self.cells,), (1,), self.pad + index * self.stride + shift)
+
+    def stacked(self, first: int, count: int, start: int, step: int, length: int) -> torch.Tensor:
+        """[length, count, n]: rows first .. first + count - 1 read at cells n + start + i step."""
+        return self.flat.as_strided((length, count, self.cells), (step, self.stride, 1),
+                                    self.pad + first * self.stride + start)
+
+
 class FlatStencil:
-    """A symmetric stencil acting on flat vectors [..., B * N] (images back to back).
+    """A symmetric stencil acting on flat vectors of B N cells (images back to back).
 
     In the flat layout the neighbour n + o_k of cell n is n + m_k with m_k = dr W + dc >= 0,
-    so each neighbour term is one multiply-add on two contiguous slices; the weight planes
-    are zeroed where n + o_k leaves the grid, which also zeroes the pairs that a flat shift
-    makes across a row end or an image end. A product is 1 + 2K in-place operations on
-    contiguous memory (K = 2 or 4 planes): fewer and cheaper than on [B, H, W] slices.
+    so (L x)[n] = d[n] x[n] + sum_k ( w_k[n] x[n + m_k] + w_k[n - m_k] x[n - m_k] ): 1 + 2K
+    terms, each a coefficient plane times x read at a shift. The weight planes are zeroed
+    where n + o_k leaves the grid, which also zeroes the pairs that a flat shift makes
+    across a row end or an image end. With x in a PaddedRows buffer every shifted read is a
+    view over the whole vector (zeros past its ends), built once (`terms`); a product is
+    then 1 + 2K multiply-adds on whole rows ([S, B N] for S rows at once), nothing sliced.
     """
 
     def __init__(self, w: torch.Tensor, d: torch.Tensor, offsets, scale: float = 1.0):
         B, K, H, W = w.shape
+        cells = B * H * W
         valid, _ = grid_masks(H, W, 2 * K, w.dtype, w.device)
         self.d = (d * scale).reshape(-1)
         planes = (w * valid * scale).transpose(0, 1).reshape(K, -1)
-        # an offset whose flat shift reaches past the last cell pairs nothing (one-row grids)
-        self.terms = [(dr * W + dc, planes[k, :planes.shape[1] - (dr * W + dc)])
-                      for k, (dr, dc) in enumerate(offsets) if dr * W + dc < planes.shape[1]]
+        self.neighbours = []                          # (shift s, plane c): out[n] += c[n] x[n + s]
+        for k, m in flat_shifts(offsets, W, cells):
+            back = torch.zeros_like(planes[k])        # w_k[n - m], zero for n < m
+            back[m:] = planes[k, :cells - m]
+            self.neighbours += [(m, planes[k]), (-m, back)]
+        self.reach = max([abs(s) for s, _ in self.neighbours], default=0)
 
-    def matmul_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out = L x for flat x [..., B N] (out must not overlap x)."""
-        torch.mul(self.d, x, out=out)
-        for m, wk in self.terms:
-            end = x.shape[-1] - m
-            out[..., :end].addcmul_(wk, x[..., m:])
-            out[..., m:].addcmul_(wk, x[..., :end])
+    def terms(self, x: PaddedRows, first: int, count: int | None = None):
+        """The 1 + 2K (coefficient plane [B N], x read at a shift) pairs of L x for x = row
+        `first` of a PaddedRows buffer ([B N] views), or rows first .. first + count - 1
+        ([count, B N] views). The buffer's pad must be at least `reach`."""
+        def read(s):
+            return x.row(first, s) if count is None else x.rows(first, count, s)
+        return [(self.d, read(0))] + [(plane, read(s)) for s, plane in self.neighbours]
+
+    @staticmethod
+    def matmul_into(terms, out: torch.Tensor) -> torch.Tensor:
+        """out = L x for the terms of x (`terms`); out [.., B N] must not overlap x."""
+        plane, x = terms[0]
+        torch.mul(plane, x, out=out)
+        for plane, x in terms[1:]:
+            out.addcmul_(plane, x)
         return out
 
-    def subtract_product(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out -= L x, in place (out must not overlap x)."""
-        out.addcmul_(self.d, x, value=-1)
-        for m, wk in self.terms:
-            end = x.shape[-1] - m
-            out[..., :end].addcmul_(wk, x[..., m:], value=-1)
-            out[..., m:].addcmul_(wk, x[..., :end], value=-1)
+    @staticmethod
+    def subtract_product(terms, out: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """out = start - L x (start defaults to out itself: out -= L x) for the terms of x;
+        out must not overlap x."""
+        plane, x = terms[0]
+        if start is None:
+            out.addcmul_(plane, x, value=-1)
+        else:
+            torch.addcmul(start, plane, x, value=-1, out=out)
+        for plane, x in terms[1:]:
+            out.addcmul_(plane, x, value=-1)
         return out
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """L x for one flat x [B N] (copied into a padded buffer; for products outside loops)."""
+        rows = PaddedRows(1, x.shape[-1], self.reach, x)
+        rows.row(0).copy_(x)
+        return self.matmul_into(self.terms(rows, 0), torch.empty_like(x))
+
+
+def _progressions(shifts):
+    """Splits [(k, m_k)] into runs whose shifts form arithmetic progressions (sorted,
+    greedy): [(first shift, step, [k, ..])]. A run is read as one stacked view."""
+    runs = []                                         # (first, step, planes, last shift)
+    for k, m in sorted(shifts, key=lambda km: km[1]):
+        if runs:
+            first, step, planes, last = runs[-1]
+            if len(planes) == 1 or m - last == step:
+                runs[-1] = (first, m - last, planes + [k], m)
+                continue
+        runs.append((m, 0, [k], m))
+    return [(first, step, planes) for first, step, planes, _ in runs]
 
 
 class StencilReader:
     """Accumulates the stencil entries of G = sum_j p_j q_j^T, one term at a time, for flat
-    p_j, q_j [S, B N] whose S rows are summed too: G[n, n + o_k] + G[n + o_k, n] per plane k
-    and G[n, n]. Each term costs 1 + 2K in-place multiply-adds on contiguous memory."""
+    p_j, q_j of S rows each ([S, B N], the rows summed too): G[n, n + o_k] + G[n + o_k, n]
+    per plane k, i.e. p[n] q[n + m_k] + p[n + m_k] q[n], and G[n, n] = p[n] q[n].
 
-    def __init__(self, like: torch.Tensor, offsets, width: int):
-        self.shifts = [dr * width + dc for dr, dc in offsets]
-        self.diag = torch.zeros_like(like)
-        self.pairs = like.new_zeros(len(offsets), *like.shape)
+    p and q are rows of PaddedRows buffers (pad >= the largest m_k), so the shifted reads
+    of all offsets whose shifts form an arithmetic progression are one stacked view (both
+    offsets with 4 neighbours; two runs with 8): a term costs 1 + 2 R multiply-adds of
+    [R_i, S, B N] (R runs), on views built once by `bind`."""
 
-    def add(self, p: torch.Tensor, q: torch.Tensor, weight: float = 1.0) -> None:
-        self.diag.addcmul_(p, q, value=weight)
-        for k, m in enumerate(self.shifts):
-            end = p.shape[-1] - m
-            if end <= 0:  # the shift reaches past the last cell: no pair (one-row grids)
-                continue
-            self.pairs[k, ..., :end].addcmul_(p[..., :end], q[..., m:], value=weight)
-            self.pairs[k, ..., :end].addcmul_(p[..., m:], q[..., :end], value=weight)
+    def __init__(self, rows: int, cells: int, offsets, width: int, like: torch.Tensor):
+        self.planes = len(offsets)
+        self.runs = _progressions(flat_shifts(offsets, width, cells))
+        self.order = [k for _, _, planes in self.runs for k in planes]   # accumulator row -> plane
+        self.diag = like.new_zeros(rows, cells)
+        self.pairs = like.new_zeros(len(self.order), rows, cells)
 
-    def result(self, shape, valid: torch.Tensor, factor: float):
+    def bind(self, p: PaddedRows, p_first: int, q: PaddedRows, q_first: int, count: int):
+        """The multiply-adds of one term, p = rows p_first .. p_first + count - 1 of p and
+        q likewise (count <= the reader's rows), as (accumulator, factor, factor) views."""
+        pv, qv = p.rows(p_first, count), q.rows(q_first, count)
+        bound = [(self.diag[:count], pv, qv)]
+        row = 0
+        for start, step, planes in self.runs:
+            acc = self.pairs[row:row + len(planes), :count]
+            bound += [(acc, pv, q.stacked(q_first, count, start, step, len(planes))),
+                      (acc, p.stacked(p_first, count, start, step, len(planes)), qv)]
+            row += len(planes)
+        return bound
+
+    @staticmethod
+    def add(bound, weight: float = 1.0) -> None:
+        """Accumulates weight times one term (bound by `bind`)."""
+        for acc, a, b in bound:
+            acc.addcmul_(a, b, value=weight)
+
+    def result(self, shape, valid: torch.Tensor, factor: float = 1.0):
         """factor times (grad_w [B, K, H, W], zero off the grid, grad_d [B, H, W])."""
         B, H, W = shape
-        K = len(self.shifts)
-        rows = tuple(range(self.diag.dim() - 1))              # the S rows, summed (none for flat p)
-        pairs = (self.pairs.sum(tuple(r + 1 for r in rows)) if rows else self.pairs).reshape(K, B, H, W)
-        diag = (self.diag.sum(rows) if rows else self.diag).reshape(B, H, W)
-        return pairs.transpose(0, 1) * (valid * factor), diag * factor
+        pairs = self.pairs.new_zeros(self.planes, B * H * W)
+        if self.order:
+            pairs[self.order] = self.pairs.sum(1)
+        grad_w = pairs.reshape(self.planes, B, H, W).transpose(0, 1) * (valid * factor)
+        return grad_w, self.diag.sum(0).reshape(B, H, W) * factor
 
 
 # -- one Triton program per image (kernels/structured/series.py, chebyshev.py) ----------------
