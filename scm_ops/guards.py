@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import checks_enabled
+from ._common import all_finite, checks_enabled
 
 __all__ = ["NonFiniteOutputError", "assert_non_negative", "assert_block_finite"]
 
@@ -47,6 +47,8 @@ def assert_non_negative(token: torch.Tensor, name: str, t: torch.Tensor) -> None
 @torch.library.custom_op("scm_ops::assert_block_finite", mutates_args=("token",))
 def _assert_block_finite_op(token: torch.Tensor, u: torch.Tensor, lam: torch.Tensor, block: int,
                             route: str) -> None:
+    if all_finite(u):
+        return
     finite = torch.isfinite(u.flatten(1) if u.dim() > 1 else u.reshape(-1, 1)).all(1)
     if not bool(finite.all()):
         item = int((~finite).nonzero()[0, 0])

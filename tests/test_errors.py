@@ -50,6 +50,23 @@ def test_non_finite_input_is_reported(backend, device):
         scm_ops.newton_schulz_inverse(e, 2, 0.1, backend=backend)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_screen_is_exact(dtype):
+    """The finite check screens by the sum: a sum that overflows (every element finite) must
+    pass, a single NaN or infinity anywhere must fail, also where +inf and -inf meet."""
+    from scm_ops._common import all_finite
+    big = torch.full((3, 1000), torch.finfo(dtype).max, dtype=dtype)
+    assert not torch.isfinite(big.sum()) and all_finite(big)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(7, 300).to(dtype)
+        t[5, 123] = value
+        assert not all_finite(t)
+    both = torch.zeros(50, dtype=dtype)
+    both[3], both[40] = float("inf"), float("-inf")
+    assert not all_finite(both)
+    assert all_finite(torch.zeros(0, dtype=dtype)) and all_finite(torch.arange(5))
+
+
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
