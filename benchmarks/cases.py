@@ -77,9 +77,11 @@ def large_p_routes() -> tuple[str, ...]:
 
 
 def default_large_p_route(grid) -> str | None:
-    """The route ActivationDiffusion(large_p_route=None) takes on DEVICE for this grid, as
+    """The static route of ActivationDiffusion(large_p_route=None) on DEVICE for this grid, as
     scm_ops.diffusion.default_large_p_route tells it (device, and the grid or its number of
-    cells where the function takes them); None where that cannot be told."""
+    cells where the function takes them); None where that cannot be told. It is what runs
+    on a CPU; on CUDA the module measures the routes at its first call and runs the fastest
+    (scm_ops/route_choice.py), this one the first candidate."""
     fn = getattr(scm_ops.diffusion, "default_large_p_route", None)
     if fn is None:
         return None

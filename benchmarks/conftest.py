@@ -26,7 +26,7 @@ def pytest_configure(config):
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """Beside the timings: the cases cases.py leaves out on this device, with the reason
     (benchmarks/report.py prints them), and the routes of the p = 16 block."""
-    from cases import NOT_RUN, default_large_p_route, large_p_routes
+    from cases import DEVICE, NOT_RUN, default_large_p_route, large_p_routes
     ran = {(b["extra_info"]["group"], json.dumps({k: v for k, v in b["extra_info"].items()
                                                   if k not in ("group", "candidate", "mode", "peak_bytes",
                                                                "saved_bytes")}, sort_keys=True))
@@ -34,5 +34,6 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     # only at the shapes this run timed (a -k or -m selection leaves the others out)
     output_json["not_run"] = [r for r in NOT_RUN if (r["group"], json.dumps(r["shape"], sort_keys=True)) in ran]
     output_json["large_p_routes"] = list(large_p_routes())
+    output_json["device"] = DEVICE.type
     output_json["default_large_p_route"] = {
         f"{h}x{w}": default_large_p_route((h, w)) for h, w in ((14, 14), (28, 28), (56, 56))}

@@ -90,9 +90,13 @@ class ActivationDiffusion(nn.Module):
             Triton backend), "spectral"
             (eigh and the closed-form derivative, O(N^3)), "newton_schulz" (dense
             Newton-Schulz on the L of the stencil, scm_ops' operator, Triton products on
-            the Triton backend) or None: default_large_p_route(device, grid), i.e.
-            Chebyshev, except that float64 inputs up to 32 x 32 cells take the spectral
-            form (exact up to rounding).
+            the Triton backend) or None: SCM_OPS_LARGE_P_ROUTE if set; else the spectral
+            form for float64 inputs up to 32 x 32 cells (exact up to rounding); else, on
+            CUDA, the route measured fastest on your GPU at the first call of a
+            configuration (scm_ops/route_choice.py, cached in memory and in
+            ~/.cache/scm_ops/routes.json; docs/gpu.md); else (CPU, SCM_OPS_ROUTE_TUNING=0,
+            or inside torch.compile without a cached choice) Chebyshev
+            (default_large_p_route).
 
     Shapes:
         forward(attention, semantic): attention [B, N] or [B, H, W], semantic [B, C, H, W];
