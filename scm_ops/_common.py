@@ -108,7 +108,10 @@ def all_finite(t: torch.Tensor) -> bool:
     sum itself) is settled element by element."""
     if not t.is_floating_point() and not t.is_complex():
         return True
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    # float16 and bfloat16 are summed into float32: a half-precision sum of many positive
+    # values overflows (65504) and would send every such check to the slow path
+    total = t.sum(dtype=torch.float32) if t.dtype in (torch.float16, torch.bfloat16) else t.sum()
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
