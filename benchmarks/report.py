@@ -175,22 +175,27 @@ def markdown(data, rows) -> str:
     diff = [r for r in rows if r["group"] == "diffusion"]
     if diff:
         families = _families(diff)
-        lines += ["## ActivationDiffusion", "",
-                  "Forward + backward (loss on both outputs), `scm_structured` (default route) against the "
-                  "published stack on the same inputs: speed-up / peak-memory ratio; where the published stack "
-                  "did not run, the structured path's time.", "",
-                  "| shape | " + " | ".join(FAMILY_TEXT.get(f, f) for f in families) + " | least favourable |",
-                  "|---|" + "---:|" * len(families) + "---|"]
-        for shape, per in diffusion_summary(diff).items():
-            cells = []
-            for f in families:
-                su, pr, t, few = per.get(f, (None, None, None, False))
-                cells.append(f"{su:.1f}x{FEW if few else ''} / {_ratio(pr)}" if su else
-                             (f"published not run ({t * 1e3:.0f} ms)" if t else "-"))
-            known = {f: v[0] for f, v in per.items() if v[0]}
-            worst = min(known, key=known.get) if known else "-"
-            lines.append(f"| {shape} | " + " | ".join(cells) + f" | {worst} |")
-        lines.append("")
+        lines += ["## ActivationDiffusion", ""]
+        for mode, what in (("forward_backward", "Forward + backward (loss on both outputs)"),
+                           ("forward", "Forward alone (no gradient)")):
+            summary = diffusion_summary(diff, mode=mode)
+            if not summary:
+                continue
+            lines += [f"{what}, `scm_structured` (default route) against the published stack on the same "
+                      "inputs: speed-up / peak-memory ratio; where the published stack did not run, the "
+                      "structured path's time.", "",
+                      "| shape | " + " | ".join(FAMILY_TEXT.get(f, f) for f in families) + " | least favourable |",
+                      "|---|" + "---:|" * len(families) + "---|"]
+            for shape, per in summary.items():
+                cells = []
+                for f in families:
+                    su, pr, t, few = per.get(f, (None, None, None, False))
+                    cells.append(f"{su:.1f}x{FEW if few else ''} / {_ratio(pr)}" if su else
+                                 (f"published not run ({t * 1e3:.0f} ms)" if t else "-"))
+                known = {f: v[0] for f, v in per.items() if v[0]}
+                worst = min(known, key=known.get) if known else "-"
+                lines.append(f"| {shape} | " + " | ".join(cells) + f" | {worst} |")
+            lines.append("")
         for family in families:
             lines += [f"### S0 {FAMILY_TEXT.get(family, family)}", ""]
             lines += _table([r for r in diff if r["family"] == family],
