@@ -10,10 +10,16 @@ CPU. Prints, for the Chebyshev series (forward basis, Clenshaw backward) and the
 matrix-free p = 4 blocks (forward, backward): the operators torch.profiler records inside
 each autograd Function (those called from Python, and every nested one), divided by the
 number of steps, and the time per step (min over --repeat runs, without the profiler).
+
+It profiles the PyTorch loops (what runs on CUDA above the Triton kernels' on-chip limits,
+one kernel launch per operation); on the CPU the structured path runs the same series in C
+(scm_ops/structured/cpu.py), which --cpu-kernels times instead (its operation counts are
+then those of the one call per series).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections import defaultdict
 
@@ -47,7 +53,9 @@ def main():
     parser.add_argument("--family", default="signed_iid", choices=("signed_iid", "signed_smooth", "positive"))
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--cpu-kernels", action="store_true", help="time the C kernels, not the PyTorch loops")
     args = parser.parse_args()
+    os.environ["SCM_OPS_CPU_KERNELS"] = "1" if args.cpu_kernels else "0"
     torch.set_num_threads(args.threads)
 
     g = torch.Generator().manual_seed(0)

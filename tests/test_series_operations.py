@@ -24,6 +24,12 @@ BOUNDS = {("ChebyshevFilter", False): 14.0, ("ChebyshevFilterBackward", False): 
           ("StencilSeries", False): 16.5, ("StencilSeriesBackward", False): 21.0}
 
 
+@pytest.fixture(autouse=True)
+def torch_loops(monkeypatch):
+    """The PyTorch loops (what runs on CUDA above the on-chip limits), not the CPU kernels."""
+    monkeypatch.setenv("SCM_OPS_CPU_KERNELS", "0")
+
+
 def _operations(run, names):
     """{Function name: operators called directly inside it} for one call of run()."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:

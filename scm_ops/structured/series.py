@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu
 from .stencil import (OFFSETS, FlatStencil, PaddedRows, StencilReader, flat_launch, grid_masks, program_backend,
                       program_max_cells)
 
@@ -73,6 +74,29 @@ def _series_bwd_torch(grad_u, w, d, q, alpha, offsets, exact):
     return grad_f.reshape(B, H, W), grad_w, grad_d
 
 
+def _series_fwd(f, w, d, alpha, steps, offsets, rows):
+    """The PyTorch backend's forward: on the CPU in C where the CPU kernels build
+    (scm_ops/structured/cpu.py; float64 arithmetic, results and the kept q_j in the input
+    dtype), else the PyTorch loop in the input dtype."""
+    lib = cpu.library() if f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64) else None
+    if lib is None:
+        return _series_fwd_torch(f, w, d, alpha, steps, offsets, rows)
+    valid, _ = grid_masks(*f.shape[1:], 2 * len(offsets), torch.float64, w.device)
+    u, q = cpu.series_forward(lib, f.double(), w.double() * valid, d.double(), offsets, alpha, steps, rows)
+    return u.to(f.dtype), q.to(f.dtype)
+
+
+def _series_bwd(grad_u, w, d, q, alpha, offsets, exact):
+    """The PyTorch backend's backward (see _series_fwd)."""
+    lib = cpu.library() if grad_u.device.type == "cpu" and grad_u.dtype in (torch.float32, torch.float64) else None
+    if lib is None:
+        return _series_bwd_torch(grad_u, w, d, q, alpha, offsets, exact)
+    valid, _ = grid_masks(*grad_u.shape[1:], 2 * len(offsets), torch.float64, w.device)
+    grad_f, pairs, grad_d = cpu.series_backward(lib, grad_u.double(), w.double() * valid, d.double(), q.double(),
+                                                offsets, alpha, 2 if exact else 1)
+    return grad_f.to(grad_u.dtype), (pairs * valid).to(w.dtype), grad_d.to(d.dtype)
+
+
 def series_max_cells(connectivity: int = 4) -> int:
     """The largest grid (cells) the Triton series holds in one program for 4 or 8
     neighbours (1024 and 512); larger grids take the PyTorch steps."""
@@ -136,7 +160,7 @@ class StencilSeries(torch.autograd.Function):
             u, xs, rs = _series_fwd_triton(f, w, d, alpha, 2 ** iterations, offsets)
             ctx.save_for_backward(w, d, xs, rs)
         else:
-            u, q = _series_fwd_torch(f, w, d, alpha, 2 ** iterations, offsets, 2 if exact else 1)
+            u, q = _series_fwd(f, w, d, alpha, 2 ** iterations, offsets, 2 if exact else 1)
             ctx.save_for_backward(w, d, q)
         ctx.args = (alpha, offsets, exact, backend)
         return u
@@ -149,7 +173,7 @@ class StencilSeries(torch.autograd.Function):
             grads = _series_bwd_triton(grad_u.contiguous(), w, d, xs, rs, alpha, offsets, exact)
         else:
             w, d, q = ctx.saved_tensors
-            grads = _series_bwd_torch(grad_u, w, d, q, alpha, offsets, exact)
+            grads = _series_bwd(grad_u, w, d, q, alpha, offsets, exact)
         return (*grads, None, None, None, None, None)
 
 
@@ -168,7 +192,7 @@ def _stencil_series_op(f: torch.Tensor, w: torch.Tensor, d: torch.Tensor, alpha:
     if _series_backend(backend, f, offsets) == "triton":
         u, xs, rs = _series_fwd_triton(f.contiguous(), w.contiguous(), d.contiguous(), alpha, steps, offsets)
         return u, torch.stack([xs, rs], 1).reshape(steps, 2, -1)
-    u, saved = _series_fwd_torch(f, w, d, alpha, steps, offsets)
+    u, saved = _series_fwd(f, w, d, alpha, steps, offsets, 2)
     return u.contiguous(), saved
 
 
@@ -187,7 +211,7 @@ def _stencil_series_backward_op(grad_u: torch.Tensor, f: torch.Tensor, w: torch.
         xs, rs = (saved[:, i].reshape(steps, B, H, W).contiguous() for i in range(2))
         grads = _series_bwd_triton(grad_u.contiguous(), w.contiguous(), d.contiguous(), xs, rs, alpha, offsets, exact)
     else:
-        grads = _series_bwd_torch(grad_u, w, d, saved, alpha, offsets, exact)
+        grads = _series_bwd(grad_u, w, d, saved, alpha, offsets, exact)
     return tuple(g.contiguous() for g in grads)
 
 

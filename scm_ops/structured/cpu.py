@@ -1,0 +1,205 @@
+"""The structured path's CPU kernels (kernels/structured/cpu.c): C loops that run a series one
+image at a time, its vectors in cache, instead of a few PyTorch operations per step
+(docs/structured.md, "CPU kernels").
+
+They are compiled at first use with the system's C compiler (`CC`, else `cc`; OpenMP where it
+builds, `-march=native`), cached on disk per source, compiler and CPU (`SCM_OPS_CACHE_DIR`,
+else ~/.cache/scm_ops/cpu), and called through ctypes. Where no compiler builds them, or with
+SCM_OPS_CPU_KERNELS=0, `library` returns None and the PyTorch loops run: the same arithmetic,
+slower.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.resources
+import os
+import pathlib
+import platform
+import subprocess
+import tempfile
+import threading
+import warnings
+from typing import Optional
+
+import torch
+
+__all__ = ["enabled", "library", "chebyshev_basis", "chebyshev_adjoint", "series_forward", "series_backward"]
+
+_LOCK = threading.Lock()
+_LIBRARIES: dict = {}
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+
+
+def enabled() -> bool:
+    """False where SCM_OPS_CPU_KERNELS=0: the PyTorch loops run."""
+    return os.environ.get("SCM_OPS_CPU_KERNELS", "1") != "0"
+
+
+def _cpu_tag() -> str:
+    """What -march=native compiles for: the machine, its CPU model and feature flags."""
+    tag = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            lines = [line for line in fh if line.startswith(("model name", "flags", "Features"))]
+        tag += "".join(sorted(set(lines)))
+    except OSError:
+        tag += platform.processor()
+    return tag
+
+
+def _cache_dir() -> pathlib.Path:
+    path = os.environ.get("SCM_OPS_CACHE_DIR")
+    return pathlib.Path(path) / "cpu" if path else pathlib.Path.home() / ".cache" / "scm_ops" / "cpu"
+
+
+def _build(name: str) -> Optional[ctypes.CDLL]:
+    source = importlib.resources.files("scm_ops.kernels.structured").joinpath(f"{name}.c").read_text()
+    compiler = os.environ.get("CC", "cc")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        _warn(name, compiler, f"it does not run: {err}")
+        return None
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256("\0".join([source, compiler, version, " ".join(flags), _cpu_tag()]).encode()).hexdigest()
+        for directory in (_cache_dir(), pathlib.Path(tempfile.gettempdir()) / "scm_ops_cpu"):
+            target = directory / f"{name}-{key[:24]}.so"
+            if target.exists():
+                try:
+                    return ctypes.CDLL(str(target))
+                except OSError:
+                    pass
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=directory) as tmp:
+                    src = pathlib.Path(tmp) / f"{name}.c"
+                    src.write_text(source)
+                    out = pathlib.Path(tmp) / f"{name}.so"
+                    run = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(src), "-o", str(out)],
+                                         capture_output=True, text=True, timeout=300)
+                    if run.returncode != 0:
+                        errors.append(run.stderr.strip().splitlines()[-1:] or [""])
+                        break                                   # these flags fail: try the next set
+                    os.replace(out, target)                     # atomic: concurrent builds agree
+                return ctypes.CDLL(str(target))
+            except (OSError, subprocess.SubprocessError) as err:
+                errors.append([str(err)])
+                continue                                        # not writable: the next directory
+    _warn(name, compiler, errors[-1][0] if errors else "")
+    return None
+
+
+def _warn(name: str, compiler: str, why: str) -> None:
+    warnings.warn(f"scm_ops: the CPU kernels {name}.c did not build with the C compiler {compiler!r} ({why}); the "
+                  "structured path runs its PyTorch loops instead (the same results, slower). Set CC to a C "
+                  "compiler, or SCM_OPS_CPU_KERNELS=0 to silence this.", RuntimeWarning, stacklevel=4)
+
+
+_SIGNATURES = {   # argument types: i = int64, p = pointer, d = double, t = int (threads)
+    "chebyshev_basis": "iiippppdpiippt",
+    "chebyshev_adjoint": "iiipppddpiipppppppt",
+    "stencil_series_forward": "iiippppdiippt",
+    "stencil_series_backward": "iiipppdiiipppppt",
+}
+_TYPES = {"i": ctypes.c_int64, "p": ctypes.c_void_p, "d": ctypes.c_double, "t": ctypes.c_int}
+
+
+def library(name: str = "cpu") -> Optional[ctypes.CDLL]:
+    """The compiled kernels of kernels/structured/<name>.c, built once per process (and per
+    machine, on disk); None where they cannot be built or SCM_OPS_CPU_KERNELS=0."""
+    if not enabled():
+        return None
+    with _LOCK:
+        if name not in _LIBRARIES:
+            lib = _build(name)
+            if lib is not None:
+                for function, signature in _SIGNATURES.items():
+                    getattr(lib, function).argtypes = [_TYPES[c] for c in signature]
+                    getattr(lib, function).restype = ctypes.c_int
+            _LIBRARIES[name] = lib
+        return _LIBRARIES[name]
+
+
+def _flat(w: torch.Tensor, offsets):
+    """(planes [K, B N] contiguous, flat shifts [K] int64) of w [B, K, H, W]."""
+    B, K, H, W = w.shape
+    return (w.transpose(0, 1).reshape(K, B * H * W).contiguous(),
+            torch.tensor([dr * W + dc for dr, dc in offsets], dtype=torch.int64))
+
+
+def _check(failed: int) -> None:
+    if failed:
+        raise MemoryError(f"a CPU series kernel could not allocate the working rows of {failed} images")
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+
+
+def chebyshev_basis(lib, f: torch.Tensor, w: torch.Tensor, d: torch.Tensor, offsets, scale: float,
+                    coef: torch.Tensor, degree: int, keep: bool):
+    """The forward basis of the Chebyshev series (chebyshev._basis) in C: (phi(Z) F [B N], the
+    basis [degree + 1, B N] or None). f, d [B, H, W], w [B, K, H, W], float64 on the CPU, w
+    zero where a neighbour leaves the grid; coef [ncoef] float64; degree >= 1."""
+    B, H, W = f.shape
+    cells = B * H * W
+    planes, shifts = _flat(w, offsets)
+    f, d, coef = (t.contiguous() for t in (f, d, coef))
+    basis = f.new_empty(degree + 1, cells) if keep else None
+    phi_f = f.new_empty(cells)
+    failed = lib.chebyshev_basis(B, H * W, len(offsets), _ptr(shifts), _ptr(f), _ptr(d), _ptr(planes), float(scale),
+                                 _ptr(coef), coef.shape[0], degree, _ptr(basis), _ptr(phi_f), torch.get_num_threads())
+    _check(failed)
+    return phi_f, basis
+
+
+def chebyshev_adjoint(lib, grad_u: torch.Tensor, lg: torch.Tensor, w: torch.Tensor, d: torch.Tensor, offsets,
+                      scale: float, radius: float, coef: torch.Tensor, basis: torch.Tensor, phi_f: torch.Tensor):
+    """The backward of the Chebyshev series (chebyshev._adjoint_sweep, and the g (phi(Z) F)^T
+    term) in C: (dF [B, H, W], the gradient of L at the stencil entries: pairs [B, K, H, W]
+    (not masked to the grid), diagonal [B, H, W]). grad_u, d [B, H, W], w [B, K, H, W] zero
+    where a neighbour leaves the grid, lg = L g and phi_f [B N], coef [degree + 1, S], basis
+    [degree + 1, B N]: float64 on the CPU; degree >= 1."""
+    B, H, W = grad_u.shape
+    K, cells = len(offsets), B * H * W
+    planes, shifts = _flat(w, offsets)
+    g, lg, d, coef, basis, phi_f = (t.contiguous() for t in (grad_u, lg, d, coef, basis, phi_f))
+    grad_f, pairs, diag = g.new_empty(cells), g.new_empty(K, cells), g.new_empty(cells)
+    failed = lib.chebyshev_adjoint(B, H * W, K, _ptr(shifts), _ptr(d), _ptr(planes), float(scale), float(radius),
+                                   _ptr(coef), coef.shape[1], coef.shape[0] - 1, _ptr(basis), _ptr(g), _ptr(lg),
+                                   _ptr(phi_f), _ptr(grad_f), _ptr(pairs), _ptr(diag), torch.get_num_threads())
+    _check(failed)
+    return grad_f.reshape(B, H, W), pairs.reshape(K, B, H, W).transpose(0, 1), diag.reshape(B, H, W)
+
+
+def series_forward(lib, f: torch.Tensor, w: torch.Tensor, d: torch.Tensor, offsets, alpha: float, steps: int,
+                   rows: int):
+    """The matrix-free series (series._series_fwd_torch) in C: (u [B, H, W], q [steps, rows, B N]
+    with q_j = (-x_j, alpha r_j)[:rows]). f, d [B, H, W], w [B, K, H, W] zero where a
+    neighbour leaves the grid: float64 on the CPU."""
+    B, H, W = f.shape
+    cells = B * H * W
+    planes, shifts = _flat(w, offsets)
+    f, d = f.contiguous(), d.contiguous()
+    u, q = torch.empty_like(f), f.new_empty(steps, rows, cells)
+    _check(lib.stencil_series_forward(B, H * W, len(offsets), _ptr(shifts), _ptr(f), _ptr(d), _ptr(planes),
+                                      float(alpha), steps, rows, _ptr(u), _ptr(q), torch.get_num_threads()))
+    return u, q
+
+
+def series_backward(lib, grad_u: torch.Tensor, w: torch.Tensor, d: torch.Tensor, q: torch.Tensor, offsets,
+                    alpha: float, rows: int):
+    """Its backward (series._series_bwd_torch) in C: (dF [B, H, W], pairs [B, K, H, W] not masked
+    to the grid, diagonal [B, H, W]); q [steps, >= rows, B N] from series_forward, rows 2 for
+    the exact gradient, 1 for the published one."""
+    B, H, W = grad_u.shape
+    K, cells = len(offsets), B * H * W
+    planes, shifts = _flat(w, offsets)
+    g, d, q = grad_u.contiguous(), d.contiguous(), q.contiguous()
+    grad_f, pairs, diag = g.new_empty(cells), g.new_empty(K, cells), g.new_empty(cells)
+    _check(lib.stencil_series_backward(B, H * W, K, _ptr(shifts), _ptr(d), _ptr(planes), float(alpha), q.shape[0],
+                                       rows, q.shape[1], _ptr(q), _ptr(g), _ptr(grad_f), _ptr(pairs), _ptr(diag),
+                                       torch.get_num_threads()))
+    return grad_f.reshape(B, H, W), pairs.reshape(K, B, H, W).transpose(0, 1), diag.reshape(B, H, W)
