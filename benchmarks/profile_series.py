@@ -105,7 +105,7 @@ def main():
     # wall time of the series functions, without the profiler
     clock = defaultdict(float)
     names = {"chebyshev forward": (chebyshev, "_series_forward"), "chebyshev backward": (chebyshev, "_series_backward"),
-             "p = 4 forward": (series, "_series_fwd_torch"), "p = 4 backward": (series, "_series_bwd_torch")}
+             "p = 4 forward": (series, "_series_fwd"), "p = 4 backward": (series, "_series_bwd")}
     for module_, name in names.values():
         _timed(module_, name, clock)
     best = defaultdict(lambda: float("inf"))
