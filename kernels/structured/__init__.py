@@ -11,4 +11,6 @@ w_k[n - o_k] x[n - o_k], with offsets o_k = (0, 1), (1, 0) and, for 8 neighbours
 - series: u = X_p F as 2^p matrix-free steps, one program per image, forward and backward.
 - chebyshev: u = X_p F as a Chebyshev series in L^2 (large p), one program per image,
   forward and backward (both gradient semantics).
+- cpu.c (C, not Triton): both series on the CPU, one image at a time with its vectors in
+  cache; built at first use and called by scm_ops/structured/cpu.py.
 """
