@@ -335,9 +335,7 @@ def _series_forward(f, w, d, plan, offsets, backend="torch", keep_basis=True):
     degree = plan.degree if keep_basis else plan.c_phi.shape[0] - 1
     lib = cpu.library() if f.device.type == "cpu" and degree >= 1 else None
     if lib is not None:   # one image at a time in C (scm_ops/structured/cpu.py)
-        valid, _ = grid_masks(*f.shape[1:], 2 * len(offsets), w.dtype, w.device)
-        phi_f, basis = cpu.chebyshev_basis(lib, f, w * valid, d, offsets, 2.0 / plan.radius, plan.c_phi, degree,
-                                           keep_basis)
+        phi_f, basis = cpu.chebyshev_basis(lib, f, w, d, offsets, 2.0 / plan.radius, plan.c_phi, degree, keep_basis)
     else:
         scaled = FlatStencil(w, d, offsets, 2.0 / plan.radius)
         phi_f, basis = _basis(f.reshape(-1), scaled, plan.c_phi, degree, keep_basis)
@@ -352,18 +350,17 @@ def _series_backward(grad_u, w, d, basis, phi_f, plan, offsets, backend="torch")
     B, H, W = grad_u.shape
     g = grad_u.reshape(-1)
     lg = FlatStencil(w, d, offsets).matmul(g)
-    valid, _ = grid_masks(H, W, 2 * len(offsets), w.dtype, w.device)
     lib = cpu.library() if grad_u.device.type == "cpu" and plan.degree >= 1 else None
     if lib is not None:   # one image at a time in C (scm_ops/structured/cpu.py)
-        grad_f, pairs, grad_d = cpu.chebyshev_adjoint(lib, grad_u, lg, w * valid, d, offsets, 2.0 / plan.radius,
-                                                      plan.radius, plan.coef, basis, phi_f)
-        return grad_f, pairs * valid, grad_d
+        return cpu.chebyshev_adjoint(lib, grad_u, lg, w, d, offsets, 2.0 / plan.radius, plan.radius, plan.coef, basis,
+                                     phi_f)
     scaled = FlatStencil(w, d, offsets, 2.0 / plan.radius)
     grad_f, reader = _adjoint_sweep(g, lg, plan.coef, scaled, basis, plan.radius, offsets, W)
     outer = PaddedRows(2, g.shape[0], scaled.reach, g)          # + g (phi(Z) F)^T
     outer.row(0).copy_(g)
     outer.row(1).copy_(phi_f)
     reader.add(reader.bind(outer, 0, outer, 1, 1))
+    valid, _ = grid_masks(H, W, 2 * len(offsets), w.dtype, w.device)
     grad_w, grad_d = reader.result((B, H, W), valid)
     return grad_f.reshape(B, H, W), grad_w, grad_d
 

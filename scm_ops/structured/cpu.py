@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from .stencil import grid_masks
+
 __all__ = ["enabled", "library", "chebyshev_basis", "chebyshev_adjoint", "series_forward", "series_backward"]
 
 _LOCK = threading.Lock()
@@ -123,10 +125,23 @@ def library(name: str = "cpu") -> Optional[ctypes.CDLL]:
 
 
 def _flat(w: torch.Tensor, offsets):
-    """(planes [K, B N] contiguous, flat shifts [K] int64) of w [B, K, H, W]."""
+    """(planes [K, B N] float64 contiguous, zero where a neighbour leaves the grid, as the
+    kernels require; flat shifts [K] int64; the grid mask [K, H, W] float64) of w [B, K, H, W]."""
     B, K, H, W = w.shape
-    return (w.transpose(0, 1).reshape(K, B * H * W).contiguous(),
-            torch.tensor([dr * W + dc for dr, dc in offsets], dtype=torch.int64))
+    valid, _ = grid_masks(H, W, 2 * K, torch.float64, w.device)
+    planes = (w.double() * valid).transpose(0, 1).reshape(K, B * H * W).contiguous()
+    return planes, torch.tensor([dr * W + dc for dr, dc in offsets], dtype=torch.int64), valid
+
+
+def _f64(*tensors):
+    return tuple(t.double().contiguous() for t in tensors)
+
+
+def _gradient_of_w(pairs: torch.Tensor, valid: torch.Tensor, shape) -> torch.Tensor:
+    """The pair sums the kernels write, [K, B N], as the gradient of w [B, K, H, W]: zero where a
+    neighbour leaves the grid (the kernels read pairs across a row end there)."""
+    B, H, W = shape
+    return pairs.reshape(valid.shape[0], B, H, W).transpose(0, 1) * valid
 
 
 def _check(failed: int) -> None:
@@ -141,65 +156,63 @@ def _ptr(t: Optional[torch.Tensor]):
 def chebyshev_basis(lib, f: torch.Tensor, w: torch.Tensor, d: torch.Tensor, offsets, scale: float,
                     coef: torch.Tensor, degree: int, keep: bool):
     """The forward basis of the Chebyshev series (chebyshev._basis) in C: (phi(Z) F [B N], the
-    basis [degree + 1, B N] or None). f, d [B, H, W], w [B, K, H, W], float64 on the CPU, w
-    zero where a neighbour leaves the grid; coef [ncoef] float64; degree >= 1."""
+    basis [degree + 1, B N] or None), float64. f, d [B, H, W], w [B, K, H, W] on the CPU;
+    coef [ncoef]; degree >= 1."""
     B, H, W = f.shape
     cells = B * H * W
-    planes, shifts = _flat(w, offsets)
-    f, d, coef = (t.contiguous() for t in (f, d, coef))
+    planes, shifts, _ = _flat(w, offsets)
+    f, d, coef = _f64(f, d, coef)
     basis = f.new_empty(degree + 1, cells) if keep else None
     phi_f = f.new_empty(cells)
-    failed = lib.chebyshev_basis(B, H * W, len(offsets), _ptr(shifts), _ptr(f), _ptr(d), _ptr(planes), float(scale),
-                                 _ptr(coef), coef.shape[0], degree, _ptr(basis), _ptr(phi_f), torch.get_num_threads())
-    _check(failed)
+    _check(lib.chebyshev_basis(B, H * W, len(offsets), _ptr(shifts), _ptr(f), _ptr(d), _ptr(planes), float(scale),
+                               _ptr(coef), coef.shape[0], degree, _ptr(basis), _ptr(phi_f), torch.get_num_threads()))
     return phi_f, basis
 
 
 def chebyshev_adjoint(lib, grad_u: torch.Tensor, lg: torch.Tensor, w: torch.Tensor, d: torch.Tensor, offsets,
                       scale: float, radius: float, coef: torch.Tensor, basis: torch.Tensor, phi_f: torch.Tensor):
     """The backward of the Chebyshev series (chebyshev._adjoint_sweep, and the g (phi(Z) F)^T
-    term) in C: (dF [B, H, W], the gradient of L at the stencil entries: pairs [B, K, H, W]
-    (not masked to the grid), diagonal [B, H, W]). grad_u, d [B, H, W], w [B, K, H, W] zero
-    where a neighbour leaves the grid, lg = L g and phi_f [B N], coef [degree + 1, S], basis
-    [degree + 1, B N]: float64 on the CPU; degree >= 1."""
+    term) in C: (dF [B, H, W], dw [B, K, H, W], dd [B, H, W]), float64. grad_u, d [B, H, W],
+    w [B, K, H, W], lg = L g and phi_f [B N], coef [degree + 1, S], basis [degree + 1, B N],
+    on the CPU; degree >= 1."""
     B, H, W = grad_u.shape
     K, cells = len(offsets), B * H * W
-    planes, shifts = _flat(w, offsets)
-    g, lg, d, coef, basis, phi_f = (t.contiguous() for t in (grad_u, lg, d, coef, basis, phi_f))
+    planes, shifts, valid = _flat(w, offsets)
+    g, lg, d, coef, basis, phi_f = _f64(grad_u, lg, d, coef, basis, phi_f)
     grad_f, pairs, diag = g.new_empty(cells), g.new_empty(K, cells), g.new_empty(cells)
-    failed = lib.chebyshev_adjoint(B, H * W, K, _ptr(shifts), _ptr(d), _ptr(planes), float(scale), float(radius),
-                                   _ptr(coef), coef.shape[1], coef.shape[0] - 1, _ptr(basis), _ptr(g), _ptr(lg),
-                                   _ptr(phi_f), _ptr(grad_f), _ptr(pairs), _ptr(diag), torch.get_num_threads())
-    _check(failed)
-    return grad_f.reshape(B, H, W), pairs.reshape(K, B, H, W).transpose(0, 1), diag.reshape(B, H, W)
+    _check(lib.chebyshev_adjoint(B, H * W, K, _ptr(shifts), _ptr(d), _ptr(planes), float(scale), float(radius),
+                                 _ptr(coef), coef.shape[1], coef.shape[0] - 1, _ptr(basis), _ptr(g), _ptr(lg),
+                                 _ptr(phi_f), _ptr(grad_f), _ptr(pairs), _ptr(diag), torch.get_num_threads()))
+    return grad_f.reshape(B, H, W), _gradient_of_w(pairs, valid, (B, H, W)), diag.reshape(B, H, W)
 
 
 def series_forward(lib, f: torch.Tensor, w: torch.Tensor, d: torch.Tensor, offsets, alpha: float, steps: int,
                    rows: int):
     """The matrix-free series (series._series_fwd_torch) in C: (u [B, H, W], q [steps, rows, B N]
-    with q_j = (-x_j, alpha r_j)[:rows]). f, d [B, H, W], w [B, K, H, W] zero where a
-    neighbour leaves the grid: float64 on the CPU."""
+    with q_j = (-x_j, alpha r_j)[:rows]), computed in float64, returned in f's dtype. f, d
+    [B, H, W], w [B, K, H, W] on the CPU."""
     B, H, W = f.shape
     cells = B * H * W
-    planes, shifts = _flat(w, offsets)
-    f, d = f.contiguous(), d.contiguous()
-    u, q = torch.empty_like(f), f.new_empty(steps, rows, cells)
-    _check(lib.stencil_series_forward(B, H * W, len(offsets), _ptr(shifts), _ptr(f), _ptr(d), _ptr(planes),
+    planes, shifts, _ = _flat(w, offsets)
+    f64, d = _f64(f, d)
+    u, q = torch.empty_like(f64), f64.new_empty(steps, rows, cells)
+    _check(lib.stencil_series_forward(B, H * W, len(offsets), _ptr(shifts), _ptr(f64), _ptr(d), _ptr(planes),
                                       float(alpha), steps, rows, _ptr(u), _ptr(q), torch.get_num_threads()))
-    return u, q
+    return u.to(f.dtype), q.to(f.dtype)
 
 
 def series_backward(lib, grad_u: torch.Tensor, w: torch.Tensor, d: torch.Tensor, q: torch.Tensor, offsets,
                     alpha: float, rows: int):
-    """Its backward (series._series_bwd_torch) in C: (dF [B, H, W], pairs [B, K, H, W] not masked
-    to the grid, diagonal [B, H, W]); q [steps, >= rows, B N] from series_forward, rows 2 for
+    """Its backward (series._series_bwd_torch) in C: (dF [B, H, W], dw [B, K, H, W], dd [B, H, W])
+    in the dtypes of grad_u, w and d; q [steps, >= rows, B N] from series_forward, rows 2 for
     the exact gradient, 1 for the published one."""
     B, H, W = grad_u.shape
     K, cells = len(offsets), B * H * W
-    planes, shifts = _flat(w, offsets)
-    g, d, q = grad_u.contiguous(), d.contiguous(), q.contiguous()
+    planes, shifts, valid = _flat(w, offsets)
+    g, d64, q = _f64(grad_u, d, q)
     grad_f, pairs, diag = g.new_empty(cells), g.new_empty(K, cells), g.new_empty(cells)
-    _check(lib.stencil_series_backward(B, H * W, K, _ptr(shifts), _ptr(d), _ptr(planes), float(alpha), q.shape[0],
+    _check(lib.stencil_series_backward(B, H * W, K, _ptr(shifts), _ptr(d64), _ptr(planes), float(alpha), q.shape[0],
                                        rows, q.shape[1], _ptr(q), _ptr(g), _ptr(grad_f), _ptr(pairs), _ptr(diag),
                                        torch.get_num_threads()))
-    return grad_f.reshape(B, H, W), pairs.reshape(K, B, H, W).transpose(0, 1), diag.reshape(B, H, W)
+    return (grad_f.reshape(B, H, W).to(grad_u.dtype), _gradient_of_w(pairs, valid, (B, H, W)).to(w.dtype),
+            diag.reshape(B, H, W).to(d.dtype))

@@ -81,9 +81,7 @@ def _series_fwd(f, w, d, alpha, steps, offsets, rows):
     lib = cpu.library() if f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64) else None
     if lib is None:
         return _series_fwd_torch(f, w, d, alpha, steps, offsets, rows)
-    valid, _ = grid_masks(*f.shape[1:], 2 * len(offsets), torch.float64, w.device)
-    u, q = cpu.series_forward(lib, f.double(), w.double() * valid, d.double(), offsets, alpha, steps, rows)
-    return u.to(f.dtype), q.to(f.dtype)
+    return cpu.series_forward(lib, f, w, d, offsets, alpha, steps, rows)
 
 
 def _series_bwd(grad_u, w, d, q, alpha, offsets, exact):
@@ -91,10 +89,7 @@ def _series_bwd(grad_u, w, d, q, alpha, offsets, exact):
     lib = cpu.library() if grad_u.device.type == "cpu" and grad_u.dtype in (torch.float32, torch.float64) else None
     if lib is None:
         return _series_bwd_torch(grad_u, w, d, q, alpha, offsets, exact)
-    valid, _ = grid_masks(*grad_u.shape[1:], 2 * len(offsets), torch.float64, w.device)
-    grad_f, pairs, grad_d = cpu.series_backward(lib, grad_u.double(), w.double() * valid, d.double(), q.double(),
-                                                offsets, alpha, 2 if exact else 1)
-    return grad_f.to(grad_u.dtype), (pairs * valid).to(w.dtype), grad_d.to(d.dtype)
+    return cpu.series_backward(lib, grad_u, w, d, q, offsets, alpha, 2 if exact else 1)
 
 
 def series_max_cells(connectivity: int = 4) -> int:
