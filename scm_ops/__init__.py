@@ -14,6 +14,12 @@ float64 and compute in float32 (float64 for float64); outputs keep the input dty
 float32 inside ``torch.autocast``. They compile with ``torch.compile(fullgraph=True)``,
 checks included, and accept an empty batch. The maths: docs/maths.md.
 """
+import sys as _sys
+
+from ._source_tree import attach_source_kernels as _attach_source_kernels
+
+_attach_source_kernels(_sys.modules[__name__])   # from a clone's root: the top-level kernels/
+
 from .cosine import cosine_similarity
 from .laplacian import grid_laplacian, spatial_semantic_laplacian
 from .newton_schulz import NewtonSchulzDivergenceError, newton_schulz_inverse, spectral_norm_bound

@@ -1,8 +1,11 @@
 """The CPU kernels (kernels/structured/cpu.c, scm_ops/structured/cpu.py) against the PyTorch
 loops they replace on the CPU: the Chebyshev series (forward basis, reverse pass, both gradient
-semantics) and the matrix-free series (forward, backward), 4 and 8 neighbours, grids with one
-row or one column, float32 and float64, an empty batch; the module end to end; and the
-fallback to the PyTorch loops where no compiler builds them.
+semantics, and the forward alone without a kept basis) and the matrix-free series (forward,
+backward), 4 and 8 neighbours, grids with one row or one column, float32 and float64, stencil
+weights that are not zero off the grid, one and several threads (the images of a batch are
+shared among threads: a working row shared between them shows only with two or more), an
+empty batch; the module end to end; and the fallback to the PyTorch loops where no compiler
+builds them.
 
 Tolerances: the C loops and the PyTorch loops do the same float64 arithmetic in another order
 (per image, the scale applied after the sum): measured up to 7e-14 relative RMSE on these
@@ -18,11 +21,29 @@ import torch
 
 import scm_ops
 from scm_ops.structured import chebyshev, cpu, series
-from scm_ops.structured.stencil import OFFSETS
+from scm_ops.structured.stencil import OFFSETS, grid_masks
 from scm_ops.testing import assert_rel_rmse, random_stencil, semantic_maps
 
 GRIDS = [(5, 7), (1, 9), (9, 1), (4, 4)]
 HAS_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
+BATCH = 5          # more images than threads: every thread runs several, one after another
+
+
+@pytest.fixture(params=[1, 3], ids=lambda n: f"{n}threads")
+def threads(request):
+    """The kernels share a batch's images among torch.get_num_threads() threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _off_grid_noise(w: torch.Tensor, offsets, seed: int = 1) -> torch.Tensor:
+    """w with random values where the neighbour n + o_k leaves the grid (entries the operator
+    never reads: every path must give the results of w with zeros there)."""
+    valid, _ = grid_masks(w.shape[2], w.shape[3], 2 * len(offsets), w.dtype, w.device)
+    noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed), dtype=w.dtype)
+    return w + noise * (1 - valid)
 
 
 def _both(monkeypatch, run):
@@ -48,12 +69,15 @@ def test_kernels_build_here():
 
 @pytest.mark.parametrize("connectivity", [4, 8])
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("exact", [False, True], ids=["published_grad", "exact_grad"])
-def test_chebyshev_matches_torch_loops(monkeypatch, connectivity, grid, exact):
+def test_chebyshev_matches_torch_loops(monkeypatch, threads, connectivity, grid, dtype, exact):
+    """Both paths run the series in float64 for every input dtype, so float32 inputs are held
+    to the same bound (the results are then rounded to float32 alike)."""
     offsets = OFFSETS[connectivity]
-    w, d = random_stencil(3, connectivity, torch.float64, "cpu", grid=grid)
-    f = torch.rand(3, *grid, dtype=torch.float64)
-    g = torch.randn(3, *grid, dtype=torch.float64)
+    w, d = random_stencil(BATCH, connectivity, dtype, "cpu", grid=grid)
+    f = torch.rand(BATCH, *grid, dtype=dtype)
+    g = torch.randn(BATCH, *grid, dtype=dtype)
     info = {}
 
     def run():
@@ -63,18 +87,38 @@ def test_chebyshev_matches_torch_loops(monkeypatch, connectivity, grid, exact):
     torch_loops, c_kernels = _both(monkeypatch, run)
     assert info["basis_degree"] >= 50
     for name, a, b in zip(("u", "dF", "dw", "dd"), c_kernels, torch_loops):
-        assert_rel_rmse(a, b, 1e-12, name)
+        assert a.dtype == dtype
+        assert_rel_rmse(a, b, 1e-12 if dtype == torch.float64 else 1e-7, name)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
+def test_chebyshev_forward_without_basis_matches_torch_loops(monkeypatch, threads, connectivity, grid):
+    """No gradient asked: the forward keeps no basis and stops at phi's degree (another call
+    of the C kernel, without the basis rows)."""
+    offsets = OFFSETS[connectivity]
+    w, d = random_stencil(BATCH, connectivity, torch.float64, "cpu", grid=grid)
+    f = torch.rand(BATCH, *grid, dtype=torch.float64)
+    info = {}
+
+    def run():
+        with torch.no_grad():
+            return chebyshev.ChebyshevFilter.apply(f, w, d, 0.002, 16, OFFSETS[connectivity], False, info)
+
+    torch_loops, c_kernels = _both(monkeypatch, run)
+    assert info["degree_phi"] >= 50
+    assert_rel_rmse(c_kernels, torch_loops, 1e-12, "u")
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)], ids=["float64", "float32"])
 @pytest.mark.parametrize("exact", [False, True], ids=["published_grad", "exact_grad"])
-def test_matrix_free_series_matches_torch_loops(monkeypatch, connectivity, grid, dtype, tol, exact):
+def test_matrix_free_series_matches_torch_loops(monkeypatch, threads, connectivity, grid, dtype, tol, exact):
     offsets = OFFSETS[connectivity]
-    w, d = random_stencil(3, connectivity, dtype, "cpu", grid=grid)
-    f = torch.rand(3, *grid, dtype=dtype)
-    g = torch.randn(3, *grid, dtype=dtype)
+    w, d = random_stencil(BATCH, connectivity, dtype, "cpu", grid=grid)
+    f = torch.rand(BATCH, *grid, dtype=dtype)
+    g = torch.randn(BATCH, *grid, dtype=dtype)
 
     def run():
         return _values_and_grads(lambda *x: series.StencilSeries.apply(*x, 0.002, 4, offsets, exact), (f, w, d), g)
@@ -83,6 +127,64 @@ def test_matrix_free_series_matches_torch_loops(monkeypatch, connectivity, grid,
     for name, a, b in zip(("u", "dF", "dw", "dd"), c_kernels, torch_loops):
         assert a.dtype == dtype
         assert_rel_rmse(a, b, tol, name)
+
+
+@pytest.mark.parametrize("series_name", ["chebyshev", "matrix_free"])
+def test_threads_give_identical_bits(series_name):
+    """Each image is computed by one thread with the same arithmetic, so any thread count must
+    give the bits of one thread; a working row shared between threads breaks that. Images large
+    enough (28 x 28, a few ms each) that threads overlap or are preempted mid-image, 2-4 threads,
+    10 calls each (a row shared in the forward basis was caught in 5-9 of these 30 calls on a
+    loaded 2-core machine)."""
+    offsets = OFFSETS[4]
+    w, d = random_stencil(8, 4, torch.float64, "cpu", grid=(28, 28))
+    f = torch.rand(8, 28, 28, dtype=torch.float64)
+    g = torch.randn(8, 28, 28, dtype=torch.float64)
+    if series_name == "chebyshev":
+        def series_of(*x):
+            return chebyshev.ChebyshevFilter.apply(*x, 0.002, 16, offsets, False)
+    else:
+        def series_of(*x):
+            return series.StencilSeries.apply(*x, 0.002, 4, offsets, False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = _values_and_grads(series_of, (f, w, d), g)
+        for threads in (2, 3, 4):
+            torch.set_num_threads(threads)
+            for call in range(10):
+                for name, a, b in zip(("u", "dF", "dw", "dd"), _values_and_grads(series_of, (f, w, d), g), one_thread):
+                    assert torch.equal(a, b), f"{name} with {threads} threads (call {call}) differs from one thread"
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("series_name", ["chebyshev", "matrix_free"])
+def test_weights_off_the_grid_are_not_read(monkeypatch, connectivity, series_name):
+    """Non-zero stencil weights where a neighbour leaves the grid (the kernels read pairs across
+    a row end there): the C kernels and the loops both give the results of the zeroed weights,
+    and a zero gradient there."""
+    offsets = OFFSETS[connectivity]
+    w, d = random_stencil(BATCH, connectivity, torch.float64, "cpu", grid=(4, 6))
+    noisy = _off_grid_noise(w, offsets)
+    assert not torch.equal(noisy, w)
+    f = torch.rand(BATCH, 4, 6, dtype=torch.float64)
+    g = torch.randn(BATCH, 4, 6, dtype=torch.float64)
+    if series_name == "chebyshev":
+        def series_of(*x):
+            return chebyshev.ChebyshevFilter.apply(*x, 0.002, 16, offsets, False)
+    else:
+        def series_of(*x):
+            return series.StencilSeries.apply(*x, 0.002, 4, offsets, False)
+    monkeypatch.setenv("SCM_OPS_CPU_KERNELS", "0")
+    clean = _values_and_grads(series_of, (f, w, d), g)
+    torch_loops, c_kernels = _both(monkeypatch, lambda: _values_and_grads(series_of, (f, noisy, d), g))
+    valid, _ = grid_masks(4, 6, 2 * len(offsets), torch.float64, "cpu")
+    for path, results in (("C kernels", c_kernels), ("PyTorch loops", torch_loops)):
+        for name, a, b in zip(("u", "dF", "dw", "dd"), results, clean):
+            assert_rel_rmse(a, b, 1e-12, f"{path} {name}")
+        assert torch.all(results[2] * (1 - valid) == 0), f"{path}: a gradient off the grid"
 
 
 def test_empty_batch(monkeypatch):

@@ -3,10 +3,13 @@ image at a time, its vectors in cache, instead of a few PyTorch operations per s
 (docs/structured.md, "CPU kernels").
 
 They are compiled at first use with the system's C compiler (`CC`, else `cc`; OpenMP where it
-builds, `-march=native`), cached on disk per source, compiler and CPU (`SCM_OPS_CACHE_DIR`,
-else ~/.cache/scm_ops/cpu), and called through ctypes. Where no compiler builds them, or with
-SCM_OPS_CPU_KERNELS=0, `library` returns None and the PyTorch loops run: the same arithmetic,
-slower.
+builds, `-march=native`), cached on disk per source, compiler and CPU in a private directory
+(`$SCM_OPS_CACHE_DIR/cpu`, else ~/.cache/scm_ops/cpu; scm_ops/cache.py: mode 0700, a cached
+library is loaded only where the directory and the file are this user's and writable by nobody
+else, else refused with a warning and built again), and called through ctypes. Where no
+private cache can be used they are built into a private temporary directory of the process.
+Where no compiler builds them, or with SCM_OPS_CPU_KERNELS=0, `library` returns None and the
+PyTorch loops run: the same arithmetic, slower.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import importlib.resources
 import os
 import pathlib
 import platform
+import struct
 import subprocess
 import tempfile
 import threading
@@ -24,18 +28,29 @@ from typing import Optional
 
 import torch
 
+from ..cache import UntrustedCacheError, cache_root, open_private_file, private_directory, warn_untrusted
 from .stencil import grid_masks
 
 __all__ = ["enabled", "library", "chebyshev_basis", "chebyshev_adjoint", "series_forward", "series_backward"]
 
 _LOCK = threading.Lock()
 _LIBRARIES: dict = {}
+_PROC_FD = os.path.isdir("/proc/self/fd")
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 
 
 def enabled() -> bool:
     """False where SCM_OPS_CPU_KERNELS=0: the PyTorch loops run."""
     return os.environ.get("SCM_OPS_CPU_KERNELS", "1") != "0"
+
+
+_SIGNATURES = {   # argument types: i = int64, p = pointer, d = double, t = int (threads)
+    "chebyshev_basis": "iiippppdpiippt",
+    "chebyshev_adjoint": "iiipppddpiipppppppt",
+    "stencil_series_forward": "iiippppdiippt",
+    "stencil_series_backward": "iiipppdiiipppppt",
+}
+_TYPES = {"i": ctypes.c_int64, "p": ctypes.c_void_p, "d": ctypes.c_double, "t": ctypes.c_int}
 
 
 def _cpu_tag() -> str:
@@ -50,9 +65,88 @@ def _cpu_tag() -> str:
     return tag
 
 
-def _cache_dir() -> pathlib.Path:
-    path = os.environ.get("SCM_OPS_CACHE_DIR")
-    return pathlib.Path(path) / "cpu" if path else pathlib.Path.home() / ".cache" / "scm_ops" / "cpu"
+def _cache_dir() -> Optional[pathlib.Path]:
+    root = cache_root()
+    return root / "cpu" if root is not None else None
+
+
+def _private_cache_dir() -> Optional[pathlib.Path]:
+    """The kernels' cache directory, created private (scm_ops/cache.py); None where it is
+    refused (with a warning naming it) or cannot be created: the kernels are then built for
+    this process only."""
+    path = _cache_dir()
+    if path is None:
+        return None
+    try:
+        return private_directory(path)
+    except UntrustedCacheError as err:
+        warn_untrusted(err, "the CPU kernels are built for this process only")
+    except OSError:                                   # a read-only or full home
+        pass
+    return None
+
+
+def _elf_complete(fd: int) -> bool:
+    """False for a 64-bit little-endian ELF file cut short (a killed build or copy): the loader
+    would map its missing end and fault on first use. Other formats are left to the loader."""
+    header = os.pread(fd, 64, 0)
+    if len(header) < 64 or header[:6] != b"\x7fELF\x02\x01":
+        return header[:4] != b"\x7fELF"
+    phoff, shoff = struct.unpack_from("<QQ", header, 32)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", header, 54)
+    end = shoff + shnum * shentsize
+    table = os.pread(fd, phnum * phentsize, phoff)
+    if len(table) < phnum * phentsize:
+        return False
+    for i in range(phnum):
+        offset, _, _, filesz = struct.unpack_from("<QQQQ", table, i * phentsize + 8)
+        end = max(end, offset + filesz)
+    return os.fstat(fd).st_size >= end
+
+
+def _load(path: pathlib.Path) -> Optional[ctypes.CDLL]:
+    """The library at `path` with its functions typed, loaded from the file as checked by
+    open_private_file (raises UntrustedCacheError); None where it is missing or not a complete
+    library (a killed build, another file): the caller builds it again."""
+    try:
+        fd = open_private_file(path)
+    except FileNotFoundError:
+        return None
+    try:
+        if not _elf_complete(fd):
+            return None
+        lib = ctypes.CDLL(f"/proc/self/fd/{fd}" if _PROC_FD else str(path))   # the checked file itself
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        for function, signature in _SIGNATURES.items():
+            getattr(lib, function).argtypes = [_TYPES[c] for c in signature]
+            getattr(lib, function).restype = ctypes.c_int
+    except AttributeError:
+        return None
+    return lib
+
+
+def _compile(name: str, source: str, compiler: str, flags, target: Optional[pathlib.Path]):
+    """(library, None) or (None, the compiler's last error line). Built in a private temporary
+    directory: inside the cache beside `target`, then renamed onto it (atomic: processes
+    building at once each load a complete file) and loaded from there; with no target, loaded
+    from the temporary directory, which is then removed (the loaded library stays mapped).
+    Raises OSError where the directory is not writable."""
+    with tempfile.TemporaryDirectory(dir=target.parent if target else None, prefix=".build-") as tmp:
+        src, out = pathlib.Path(tmp) / f"{name}.c", pathlib.Path(tmp) / f"{name}.so"
+        src.write_text(source)
+        run = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(src), "-o", str(out)],
+                             capture_output=True, text=True, timeout=300)
+        if run.returncode != 0:
+            return None, (run.stderr.strip().splitlines() or [""])[-1]
+        os.chmod(out, 0o700)
+        if target is not None:
+            os.replace(out, target)
+        lib = _load(target or out)
+        return (lib, None) if lib is not None else (None, "the built library did not load")
 
 
 def _build(name: str) -> Optional[ctypes.CDLL]:
@@ -63,33 +157,32 @@ def _build(name: str) -> Optional[ctypes.CDLL]:
     except (OSError, subprocess.SubprocessError) as err:
         _warn(name, compiler, f"it does not run: {err}")
         return None
+    directory = _private_cache_dir()
     errors = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256("\0".join([source, compiler, version, " ".join(flags), _cpu_tag()]).encode()).hexdigest()
-        for directory in (_cache_dir(), pathlib.Path(tempfile.gettempdir()) / "scm_ops_cpu"):
-            target = directory / f"{name}-{key[:24]}.so"
-            if target.exists():
-                try:
-                    return ctypes.CDLL(str(target))
-                except OSError:
-                    pass
+        target = directory / f"{name}-{key[:24]}.so" if directory is not None else None
+        if target is not None:
             try:
-                directory.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=directory) as tmp:
-                    src = pathlib.Path(tmp) / f"{name}.c"
-                    src.write_text(source)
-                    out = pathlib.Path(tmp) / f"{name}.so"
-                    run = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(src), "-o", str(out)],
-                                         capture_output=True, text=True, timeout=300)
-                    if run.returncode != 0:
-                        errors.append(run.stderr.strip().splitlines()[-1:] or [""])
-                        break                                   # these flags fail: try the next set
-                    os.replace(out, target)                     # atomic: concurrent builds agree
-                return ctypes.CDLL(str(target))
-            except (OSError, subprocess.SubprocessError) as err:
-                errors.append([str(err)])
-                continue                                        # not writable: the next directory
-    _warn(name, compiler, errors[-1][0] if errors else "")
+                lib = _load(target)
+            except UntrustedCacheError as err:          # rebuilt and renamed over it
+                warn_untrusted(err, "building the CPU kernels again")
+                lib = None
+            if lib is not None:
+                return lib
+        try:
+            try:
+                lib, error = _compile(name, source, compiler, flags, target)
+            except OSError:
+                if target is None:
+                    raise
+                lib, error = _compile(name, source, compiler, flags, None)   # the cache is not writable
+        except (OSError, subprocess.SubprocessError) as err:
+            lib, error = None, str(err)
+        if lib is not None:
+            return lib
+        errors.append(error)                           # these flags fail: try the next set
+    _warn(name, compiler, errors[-1] if errors else "")
     return None
 
 
@@ -99,15 +192,6 @@ def _warn(name: str, compiler: str, why: str) -> None:
                   "compiler, or SCM_OPS_CPU_KERNELS=0 to silence this.", RuntimeWarning, stacklevel=4)
 
 
-_SIGNATURES = {   # argument types: i = int64, p = pointer, d = double, t = int (threads)
-    "chebyshev_basis": "iiippppdpiippt",
-    "chebyshev_adjoint": "iiipppddpiipppppppt",
-    "stencil_series_forward": "iiippppdiippt",
-    "stencil_series_backward": "iiipppdiiipppppt",
-}
-_TYPES = {"i": ctypes.c_int64, "p": ctypes.c_void_p, "d": ctypes.c_double, "t": ctypes.c_int}
-
-
 def library(name: str = "cpu") -> Optional[ctypes.CDLL]:
     """The compiled kernels of kernels/structured/<name>.c, built once per process (and per
     machine, on disk); None where they cannot be built or SCM_OPS_CPU_KERNELS=0."""
@@ -115,12 +199,7 @@ def library(name: str = "cpu") -> Optional[ctypes.CDLL]:
         return None
     with _LOCK:
         if name not in _LIBRARIES:
-            lib = _build(name)
-            if lib is not None:
-                for function, signature in _SIGNATURES.items():
-                    getattr(lib, function).argtypes = [_TYPES[c] for c in signature]
-                    getattr(lib, function).restype = ctypes.c_int
-            _LIBRARIES[name] = lib
+            _LIBRARIES[name] = _build(name)
         return _LIBRARIES[name]
 
 

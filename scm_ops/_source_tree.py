@@ -1,0 +1,47 @@
+"""`scm_ops.kernels` when scm_ops is imported from a clone instead of an installation.
+
+The wheel installs the repository's top-level ``kernels/`` folder as ``scm_ops.kernels``.
+From the root of a clone, ``python``, ``python -m pytest`` and scripts there import the
+source folder ``scm_ops/`` first (the current directory leads ``sys.path``), and that folder
+has no ``kernels`` subpackage. :func:`attach_source_kernels` registers the clone's
+``kernels/`` under that name, so the source tree runs exactly as the installed package does.
+It does nothing where ``scm_ops.kernels`` is importable already (a wheel, an editable install)
+or where ``scm_ops/`` does not sit in a clone of scm-ops (its parent must hold scm-ops's
+``pyproject.toml`` and a ``kernels`` package).
+"""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+NAME = "scm_ops.kernels"
+
+
+def _clone_kernels(package_dir: pathlib.Path):
+    root = package_dir.parent
+    init = root / "kernels" / "__init__.py"
+    try:
+        is_clone = 'name = "scm-ops"' in (root / "pyproject.toml").read_text()
+    except OSError:
+        return None
+    return init if is_clone and init.is_file() else None
+
+
+def attach_source_kernels(package) -> None:
+    """Make ``scm_ops.kernels`` the clone's ``kernels/`` where it is not importable otherwise;
+    `package` is the scm_ops module being imported."""
+    if NAME in sys.modules or importlib.util.find_spec(NAME) is not None:
+        return
+    init = _clone_kernels(pathlib.Path(package.__file__).resolve().parent)
+    if init is None:
+        return
+    spec = importlib.util.spec_from_file_location(NAME, init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[NAME] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[NAME]
+        raise
+    package.kernels = module
