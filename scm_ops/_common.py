@@ -189,9 +189,9 @@ def kernel_module(name: str):
             raise
         import scm_ops
         raise ImportError(
-            f"scm_ops.kernels is missing: scm_ops was imported from {scm_ops.__path__[0]}, a source "
-            "tree whose kernels live in the top-level kernels/ folder. Install the package "
-            "(pip install .) and import it from outside the checkout.") from err
+            f"scm_ops.kernels is missing: scm_ops was imported from {scm_ops.__path__[0]}, which is "
+            "neither an installed package nor the scm_ops/ folder of a clone (with kernels/ and "
+            "pyproject.toml beside it). Install the package (pip install .).") from err
 
 
 def kernel_config(module, dtype: torch.dtype, kernel: str | None = None) -> tuple[dict, dict]:
