@@ -5,12 +5,17 @@ From the root of a clone, ``python``, ``python -m pytest`` and scripts there imp
 source folder ``scm_ops/`` first (the current directory leads ``sys.path``), and that folder
 has no ``kernels`` subpackage. :func:`attach_source_kernels` registers the clone's
 ``kernels/`` under that name, so the source tree runs exactly as the installed package does.
-It does nothing where ``scm_ops.kernels`` is importable already (a wheel, an editable install)
-or where ``scm_ops/`` does not sit in a clone of scm-ops (its parent must hold scm-ops's
-``pyproject.toml`` and a ``kernels`` package).
+It does nothing where ``scm_ops.kernels`` is importable already (a wheel) or where
+``scm_ops/`` does not sit in a clone of scm-ops (its parent must hold scm-ops's
+``pyproject.toml`` and the ``kernels/`` folder with its ``structured`` package).
+
+``kernels/`` has no ``__init__.py`` (a namespace package): a regular package of that name
+at a clone's root would shadow, for everything run there, any installed package named
+``kernels`` (transformers imports one), while a namespace folder yields to it.
 """
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import pathlib
 import sys
@@ -19,13 +24,14 @@ NAME = "scm_ops.kernels"
 
 
 def _clone_kernels(package_dir: pathlib.Path):
+    """The clone's kernels/ folder, or None where `package_dir` is not in a clone of scm-ops."""
     root = package_dir.parent
-    init = root / "kernels" / "__init__.py"
+    kernels = root / "kernels"
     try:
         is_clone = 'name = "scm-ops"' in (root / "pyproject.toml").read_text()
     except OSError:
         return None
-    return init if is_clone and init.is_file() else None
+    return kernels if is_clone and (kernels / "structured" / "__init__.py").is_file() else None
 
 
 def attach_source_kernels(package) -> None:
@@ -33,15 +39,11 @@ def attach_source_kernels(package) -> None:
     `package` is the scm_ops module being imported."""
     if NAME in sys.modules or importlib.util.find_spec(NAME) is not None:
         return
-    init = _clone_kernels(pathlib.Path(package.__file__).resolve().parent)
-    if init is None:
+    kernels = _clone_kernels(pathlib.Path(package.__file__).resolve().parent)
+    if kernels is None:
         return
-    spec = importlib.util.spec_from_file_location(NAME, init, submodule_search_locations=[str(init.parent)])
+    spec = importlib.machinery.ModuleSpec(NAME, None, is_package=True)
+    spec.submodule_search_locations = [str(kernels)]
     module = importlib.util.module_from_spec(spec)
     sys.modules[NAME] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[NAME]
-        raise
     package.kernels = module

@@ -4,6 +4,7 @@ with a warning naming it and never loaded, the CPU kernels still run (built for 
 where no private cache works), a truncated library is rebuilt, and processes building at once
 each load a complete library. Also: the source tree runs from a clone's root."""
 import ctypes
+import importlib
 import os
 import pathlib
 import shutil
@@ -264,8 +265,7 @@ def test_kernels_attach_from_a_clone(tmp_path, monkeypatch):
         (root / "scm_ops").mkdir(parents=True)
         (root / "scm_ops" / "__init__.py").write_text("")
         (root / "kernels" / "structured").mkdir(parents=True)
-        (root / "kernels" / "__init__.py").write_text("ORIGIN = 'clone'\n")
-        (root / "kernels" / "structured" / "__init__.py").write_text("")
+        (root / "kernels" / "structured" / "__init__.py").write_text("ORIGIN = 'clone'\n")
         (root / "pyproject.toml").write_text(pyproject)
         return types.SimpleNamespace(__file__=str(root / "scm_ops" / "__init__.py"))
 
@@ -277,8 +277,9 @@ def test_kernels_attach_from_a_clone(tmp_path, monkeypatch):
     assert "scm_ops.kernels" not in sys.modules and not hasattr(elsewhere, "kernels")
     clone = tree(tmp_path / "clone", '[project]\nname = "scm-ops"\n')
     _source_tree.attach_source_kernels(clone)
-    assert sys.modules["scm_ops.kernels"].ORIGIN == "clone" and clone.kernels is sys.modules["scm_ops.kernels"]
-    assert sys.modules["scm_ops.kernels"].__path__ == [str(tmp_path / "clone" / "kernels")]
+    assert clone.kernels is sys.modules["scm_ops.kernels"]
+    assert list(clone.kernels.__path__) == [str(tmp_path / "clone" / "kernels")]
+    assert importlib.import_module("scm_ops.kernels.structured").ORIGIN == "clone"
 
 
 def test_the_source_tree_runs_from_a_clone_root(tmp_path):
