@@ -1,4 +1,6 @@
-"""Backbones for the example: its own small ViT, a timm ViT, or a Hugging Face ViT / DeiT.
+"""Backbones for the example: its own small ViT, a timm ViT (DeiT, DINOv2, DINOv3, EVA02,
+rope ViTs, BEiT: any model ClassAttentionRecorder.from_model reads), or a Hugging Face ViT /
+DeiT / DINOv3.
 
 All expose what the TS-CAM heads need, through one interface:
 ``tokens(images)`` -> final-norm class token [B, dim] and patch tokens [B, N, dim];
@@ -11,7 +13,9 @@ ClassAttentionRecorder to form F0 without editing the model) and ``num_prefix_to
     build_backbone("deit_small_patch16_224")                  # timm, its pretrained weights (download)
     build_backbone("deit_small_patch16_224", pretrained="none")          # timm, random initialisation
     build_backbone("deit_small_patch16_224", pretrained="deit_s.safetensors")   # timm, a local file
+    build_backbone("vit_small_patch16_dinov3", pretrained="none")        # timm DINOv3 (4 registers, rope)
     build_backbone("hf:deit")                                 # transformers DeiTModel, random, from a config
+    build_backbone("hf:dinov3")                               # transformers DINOv3ViTModel, random
     build_backbone("hf:path/to/folder")                       # transformers from_pretrained(folder)
 """
 from __future__ import annotations
@@ -100,9 +104,12 @@ class TinyViT(nn.Module):
 def _recorder_layout(model: nn.Module, name: str):
     """(attention modules, prefix count) of a timm or Hugging Face ViT, as
     ClassAttentionRecorder.from_model reads them; a model without a class token is refused."""
+    import warnings
     from scm_ops.attention import ClassAttentionRecorder
     try:
-        found = ClassAttentionRecorder.from_model(model)
+        with warnings.catch_warnings():       # the TS-CAM heads read the tokens, not the model's own pooling
+            warnings.filterwarnings("ignore", message=".*pools its tokens")
+            found = ClassAttentionRecorder.from_model(model)
     except ValueError as e:
         raise ValueError(f"--backbone {name}: {e}") from e
     return found.modules, found.num_prefix_tokens
@@ -165,18 +172,25 @@ class TimmViT(nn.Module):
 
 
 HF_MODELS = {"vit": ("ViTConfig", "ViTModel", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-             "deit": ("DeiTConfig", "DeiTModel", IMAGENET_MEAN, IMAGENET_STD)}
+             "deit": ("DeiTConfig", "DeiTModel", IMAGENET_MEAN, IMAGENET_STD),
+             "dinov3": ("DINOv3ViTConfig", "DINOv3ViTModel", IMAGENET_MEAN, IMAGENET_STD)}
+# config fields set beside the library's defaults: the released DINOv3 ViTs have 4 registers
+HF_DEFAULTS = {"dinov3": dict(num_register_tokens=4)}
+HF_MODEL_TYPES = {"vit": "vit", "deit": "deit", "dinov3_vit": "dinov3"}     # config.model_type -> HF_MODELS
 
 
 class HFViT(nn.Module):
-    """A Hugging Face ViTModel or DeiTModel (transformers), without its pooler; input
-    [B, 3, S, S] float32 in [0, 1], normalised with the image processor's statistics.
+    """A Hugging Face ViTModel, DeiTModel (without its pooler) or DINOv3ViTModel
+    (transformers); input [B, 3, S, S] float32 in [0, 1], normalised with the image
+    processor's statistics.
 
-    source: "vit" or "deit" (random initialisation from a config: the library's defaults,
-    ViT-Base sizes, with image_size and the overrides, e.g. hidden_size=32,
-    num_hidden_layers=2) or a local folder written by save_pretrained (weights loaded with
-    from_pretrained; images of another size than its config's interpolate the position
-    embeddings). Any attention implementation: F0 comes from the recorder."""
+    source: "vit", "deit" or "dinov3" (random initialisation from a config: the library's
+    defaults, ViT-Base sizes for ViT / DeiT, ViT-S/16 for DINOv3 with 4 registers, with
+    image_size and the overrides, e.g. hidden_size=32, num_hidden_layers=2) or a local
+    folder written by save_pretrained (weights loaded with from_pretrained; for ViT / DeiT,
+    images of another size than its config's interpolate the position embeddings; DINOv3's
+    rotary embeddings take any size). Any attention implementation: F0 comes from the
+    recorder."""
 
     def __init__(self, source: str, image_size=None, overrides=None):
         super().__init__()
@@ -188,20 +202,20 @@ class HFViT(nn.Module):
         overrides = dict(overrides or {})
         if source in HF_MODELS:
             config_cls, model_cls, mean, std = HF_MODELS[source]
-            config = getattr(transformers, config_cls)(**dict(dict(image_size=image_size or 224), **overrides))
-            self.model = getattr(transformers, model_cls)(config, add_pooling_layer=False)
+            defaults = dict(HF_DEFAULTS.get(source, {}), image_size=image_size or 224)
+            config = getattr(transformers, config_cls)(**dict(defaults, **overrides))
+            self.model = getattr(transformers, model_cls)(config, **_no_pooler(source))
             self.weights = (f"random initialisation (transformers {model_cls} from {config_cls}: hidden_size "
                             f"{config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} "
                             f"heads, patch {config.patch_size}, image {config.image_size})")
         elif os.path.isdir(source):
             config = transformers.AutoConfig.from_pretrained(source, **overrides)
-            kind = {"vit": "vit", "deit": "deit"}.get(config.model_type)
+            kind = HF_MODEL_TYPES.get(config.model_type)
             if kind is None:
                 raise ValueError(f"--backbone hf:{source} is a {config.model_type!r} model; the example reads "
-                                 f"ViT and DeiT ('vit', 'deit')")
+                                 f"ViT, DeiT and DINOv3 ({', '.join(repr(t) for t in HF_MODEL_TYPES)})")
             _, model_cls, mean, std = HF_MODELS[kind]
-            self.model = getattr(transformers, model_cls).from_pretrained(source, config=config,
-                                                                          add_pooling_layer=False)
+            self.model = getattr(transformers, model_cls).from_pretrained(source, config=config, **_no_pooler(kind))
             processor = os.path.join(source, "preprocessor_config.json")
             if os.path.isfile(processor):
                 with open(processor) as f:
@@ -209,15 +223,16 @@ class HFViT(nn.Module):
                 mean, std = stats.get("image_mean", mean), stats.get("image_std", std)
             self.weights = f"transformers {model_cls}.from_pretrained({source})"
         else:
-            raise ValueError(f"--backbone hf:{source}: give hf:vit, hf:deit (random initialisation from a config) "
-                             f"or hf:FOLDER (a folder written by save_pretrained)")
+            raise ValueError(f"--backbone hf:{source}: give hf:vit, hf:deit, hf:dinov3 (random initialisation from "
+                             f"a config) or hf:FOLDER (a folder written by save_pretrained)")
         config = self.model.config
         patch = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
         native = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
         self.image_size = image_size or native
         if self.image_size % patch:
             raise ValueError(f"image_size {self.image_size} must be a multiple of the patch size {patch}")
-        self.interpolate = self.image_size != native
+        # ViT / DeiT interpolate their learnt positions to another size; DINOv3 has none to interpolate
+        self.interpolate = self.image_size != native and config.model_type != "dinov3_vit"
         self.patch_size, self.grid = patch, (self.image_size // patch, self.image_size // patch)
         self.embed_dim = config.hidden_size
         self._attention, self.num_prefix_tokens = _recorder_layout(self.model, f"hf:{source}")
@@ -230,15 +245,21 @@ class HFViT(nn.Module):
         return list(self._attention)
 
     def tokens(self, images):
-        out = self.model(pixel_values=(images - self.mean) / self.std, interpolate_pos_encoding=self.interpolate)
+        extra = dict(interpolate_pos_encoding=True) if self.interpolate else {}
+        out = self.model(pixel_values=(images - self.mean) / self.std, **extra)
         x = out.last_hidden_state                                           # [B, T, dim], final norm
         return x[:, 0], x[:, self.num_prefix_tokens:]
 
 
+def _no_pooler(kind: str) -> dict:
+    """ViTModel / DeiTModel are built without their pooler; DINOv3ViTModel has none."""
+    return {} if kind == "dinov3" else dict(add_pooling_layer=False)
+
+
 def build_backbone(name: str, image_size: int | None = None, pretrained=None, overrides=None) -> nn.Module:
     """'tiny' -> TinyViT (112 px unless image_size is given; its checkpoints are loaded by
-    train_wsol), 'hf:vit' / 'hf:deit' / 'hf:FOLDER' -> HFViT, anything else -> a timm model
-    of that name (224 px unless given).
+    train_wsol), 'hf:vit' / 'hf:deit' / 'hf:dinov3' / 'hf:FOLDER' -> HFViT, anything else ->
+    a timm model of that name (224 px unless given).
 
     pretrained (timm): None or True -> timm's pretrained weights, 'none' or False -> random
     initialisation, a file path -> that file. For 'hf:' backbones the weights come from the

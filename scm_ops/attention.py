@@ -7,38 +7,35 @@ blocks summed, class-token row, patch columns, min-max per image).
   [B, heads, T, T] (e.g. a Hugging Face model loaded with ``attn_implementation="eager"``
   and called with ``output_attentions=True``).
 - :class:`ClassAttentionRecorder` hooks each attention module and recomputes only the
-  class-token row, softmax(q_cls k^T * scale): one 1 x T row per head instead of a T x T
-  matrix, without editing the model, whatever attention implementation it runs (fused
-  ``scaled_dot_product_attention``, sdpa, eager). It reads timm's ``Attention`` (one
-  ``qkv`` projection) and Hugging Face ViT / DeiT attention (separate ``q_proj`` /
-  ``k_proj``, or ``query`` / ``key`` in transformers 4).
+  class-token row, softmax(q_cls k^T * scale + bias): one 1 x T row per head instead of a
+  T x T matrix, without editing the model, whatever attention implementation it runs (fused
+  ``scaled_dot_product_attention``, sdpa, eager). It reads timm's attention modules (one
+  ``qkv`` projection, or ``q_proj`` / ``k_proj``; q / k norms; the rotary embedding passed
+  as ``rope=`` by Eva, EVA02, DINOv3 and the rope ViTs; BEiT's relative position bias) and
+  Hugging Face's (``q_proj`` / ``k_proj``, or ``query`` / ``key`` in transformers 4;
+  DINOv3's rotary ``position_embeddings``).
 
-    recorder = ClassAttentionRecorder.from_model(vit).open()   # timm ViT / HF ViTModel, DeiTModel
+    recorder = ClassAttentionRecorder.from_model(vit).open()   # timm ViT / Eva / BEiT, HF ViT / DINOv3 ...
     tokens = vit.forward_features(images)                      # or vit(pixel_values)
     f0 = recorder.attention_map()                              # [B, H, W]
 
 A sequence is T = P + H * W tokens: P prefix tokens, the class token first (then
 distillation or register tokens, left out of F0), then the H x W patches row-major.
+Rows, head means and block sums are kept in float32 for float16 / bfloat16 (autocast
+included), as the softmax is.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .class_attention import _Q_NAMES, _Layout, class_token_attention
 from .diffusion import minmax_normalize
 
 __all__ = ["ClassAttentionRecorder", "attention_map_from_blocks", "class_token_attention"]
-
-_Q_NAMES = ("q_proj", "query")          # Hugging Face: transformers 5, transformers 4
-_K_NAMES = ("k_proj", "key")
-# Attention modules that add something to the logits which the recorder does not recompute.
-_UNSUPPORTED = {"rope": "a rotary position embedding", "relative_position_bias_table": "a relative position bias",
-                "rel_pos_h": "a relative position bias", "relative_position_bias": "a relative position bias"}
 
 _NO_WEIGHTS = ("no attention weights to build F0 from ({what}): Hugging Face models return () or None for "
                "output_attentions=True unless they run eager attention; load the model with "
@@ -84,8 +81,9 @@ def attention_map_from_blocks(attentions, grid_size, num_prefix_tokens: int = 1)
             for a distilled DeiT: class and distillation tokens; 1 + registers with
             register tokens).
     Returns:
-        [B, H, W] in the attentions' dtype: heads averaged, blocks summed, class-token row,
-        patch columns, min-max normalised per image (a constant map gives 0).
+        [B, H, W] in the attentions' dtype (computed in float32 for float16 / bfloat16):
+        heads averaged, blocks summed, class-token row, patch columns, min-max normalised
+        per image (a constant map gives 0).
     Raises:
         ValueError: an empty sequence or a None entry (a Hugging Face model without eager
             attention), a wrong rank, or T != num_prefix_tokens + H * W.
@@ -104,126 +102,16 @@ def attention_map_from_blocks(attentions, grid_size, num_prefix_tokens: int = 1)
                          f"got {tuple(a.shape)}")
     if a.shape[-1] != prefix + H * W:
         raise _token_count_error(a.shape[-1], prefix, (H, W))
-    f0 = a.mean(2).sum(0)[:, 0, prefix:]
-    return minmax_normalize(f0.reshape(-1, H, W), (1, 2))
+    return _f0_from_rows(a[:, :, :, 0, prefix:], (H, W), a.dtype)
 
 
-# ----------------------------------------------------------------------------- one module
-class _Layout:
-    """How to read q (class token) and k (all tokens) from one attention module: timm's
-    fused ``qkv`` or Hugging Face's separate projections, heads, head_dim and scale."""
-
-    def __init__(self, module: nn.Module, where: str):
-        name = type(module).__name__
-        for attr, what in _UNSUPPORTED.items():
-            if getattr(module, attr, None) is not None:
-                raise TypeError(f"{where} ({name}) adds {what} (`{attr}`) to the attention logits, which "
-                                f"ClassAttentionRecorder does not recompute")
-        self.q_name = next((n for n in _Q_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
-        self.k_name = next((n for n in _K_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
-        self.fused = self.q_name is None and isinstance(getattr(module, "qkv", None), nn.Module)
-        if not self.fused and (self.q_name is None or self.k_name is None):
-            raise TypeError(f"{where} ({name}) is not an attention module the recorder reads: it needs timm's "
-                            f"layout (a `qkv` nn.Linear(dim, 3 * heads * head_dim) and `num_heads`) or Hugging "
-                            f"Face's (`q_proj` / `k_proj`, or `query` / `key`, with `num_attention_heads` on the "
-                            f"module or its `config`)")
-        config = getattr(module, "config", None)
-        heads = next((v for v in (getattr(module, "num_heads", None), getattr(module, "num_attention_heads", None),
-                                  getattr(config, "num_attention_heads", None)) if v is not None), None)
-        if not isinstance(heads, int) or heads < 1:
-            raise TypeError(f"{where} ({name}) does not say its number of heads (`num_heads`, "
-                            f"`num_attention_heads` or `config.num_attention_heads`)")
-        self.heads = heads
-        if self.fused:
-            out = _out_features(module.qkv, f"{where}.qkv")
-            if out % (3 * heads):
-                raise ValueError(f"{where}.qkv has {out} outputs, not a multiple of 3 * num_heads = {3 * heads}")
-            self.inner = out // 3
-        else:
-            self.inner = _out_features(getattr(module, self.q_name), f"{where}.{self.q_name}")
-            k_out = _out_features(getattr(module, self.k_name), f"{where}.{self.k_name}")
-            if k_out != self.inner or self.inner % heads:
-                raise ValueError(f"{where}: {self.q_name} has {self.inner} outputs and {self.k_name} {k_out}; "
-                                 f"both must be num_heads * head_dim with num_heads = {heads}")
-        self.head_dim = self.inner // heads
-        scale = getattr(module, "scale", None)
-        scale = getattr(module, "scaling", None) if scale is None else scale
-        # softmax(q k^T / sqrt(head_dim)) unless the module says otherwise
-        self.scale = float(scale) if scale is not None else 1.0 / math.sqrt(self.head_dim)
-
-    def class_row(self, module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"attention input must be [B, T, dim], got {tuple(x.shape)}")
-        B, T, _ = x.shape
-        heads, hd, inner = self.heads, self.head_dim, self.inner
-        if self.fused:
-            qkv = module.qkv
-            if type(qkv) is nn.Linear:     # only the rows of q and k, and q only for the class token
-                w, b = qkv.weight, qkv.bias
-                q = F.linear(x[:, :1], w[:inner], None if b is None else b[:inner])
-                k = F.linear(x, w[inner:2 * inner], None if b is None else b[inner:2 * inner])
-            else:                          # a wrapped projection (e.g. low-rank adapters): run it whole
-                q, k = qkv(x)[..., :2 * inner].split(inner, -1)
-                q = q[:, :1]
-            q_bias, k_bias = getattr(module, "q_bias", None), getattr(module, "k_bias", None)
-            if isinstance(q_bias, torch.Tensor):        # BEiT / EVA keep the q (and k) biases apart
-                q = q + q_bias
-            if isinstance(k_bias, torch.Tensor):
-                k = k + k_bias
-        else:
-            q = getattr(module, self.q_name)(x[:, :1])  # [B, 1, inner]
-            k = getattr(module, self.k_name)(x)         # [B, T, inner]
-        q, k = q.reshape(B, 1, heads, hd), k.reshape(B, T, heads, hd)
-        # timm's per-head norms act on the last dimension only, so they are applied before
-        # the heads move forward (a norm on the transposed view breaks AOTAutograd's backward)
-        q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
-        if isinstance(q_norm, nn.Module):
-            q = q_norm(q)
-        if isinstance(k_norm, nn.Module):
-            k = k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)       # [B, heads, 1, head_dim], [B, heads, T, head_dim]
-        logits = (q * self.scale) @ k.transpose(-2, -1)   # [B, heads, 1, T]
-        if mask is not None:
-            row = mask[..., :1, :] if mask.dim() >= 2 else mask
-            logits = logits.masked_fill(~row, float("-inf")) if row.dtype == torch.bool else logits + row
-        low = logits.dtype in (torch.float16, torch.bfloat16)
-        return logits.softmax(-1, dtype=torch.float32 if low else None).to(logits.dtype)[:, :, 0]
-
-
-def _out_features(linear: nn.Module, where: str) -> int:
-    out = getattr(linear, "out_features", None)
-    if out is None:
-        weight = getattr(linear, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise TypeError(f"{where} ({type(linear).__name__}) must be a linear layer (`out_features` or a "
-                            f"2-D `weight`)")
-        out = weight.shape[0]
-    return int(out)
-
-
-def class_token_attention(module: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q_cls k^T * scale) of one attention module (timm or Hugging Face layout) for
-    its input x [B, T, dim] -> [B, heads, T], the class-token (first) row of every head, in
-    x's dtype (the softmax runs in float32 for float16 / bfloat16). ``attn_mask``: an
-    optional boolean (True = attend) or additive mask broadcastable to [B, heads, T, T]."""
-    return _Layout(module, type(module).__name__).class_row(module, x, attn_mask)
-
-
-def _hidden_states(args, kwargs) -> torch.Tensor:
-    if args:
-        return args[0]
-    for name in ("hidden_states", "x"):
-        if name in kwargs:
-            return kwargs[name]
-    raise TypeError(f"the attention module was called without a positional input and without hidden_states= "
-                    f"or x= (got {sorted(kwargs)})")
-
-
-def _mask(args, kwargs):
-    mask = kwargs.get("attn_mask", kwargs.get("attention_mask"))
-    if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-        mask = args[1]
-    return mask if isinstance(mask, torch.Tensor) else None
+def _f0_from_rows(rows: torch.Tensor, grid, dtype: torch.dtype) -> torch.Tensor:
+    """Class rows' patch columns [blocks, B, heads, N] -> F0 [B, H, W] in `dtype`: the head
+    mean, block sum and min-max run in float32 for float16 / bfloat16 rows (a sum of
+    near-equal low-precision rows loses the differences F0 is made of)."""
+    wide = rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows
+    f0 = wide.mean(2).sum(0)
+    return minmax_normalize(f0.reshape(-1, *grid), (1, 2)).to(dtype)
 
 
 # ----------------------------------------------------------------------------- the recorder
@@ -238,18 +126,35 @@ class ClassAttentionRecorder:
     hook recomputes, from the module's input and current weights, only q of the class
     token and k of every token):
 
-    - timm's ``Attention``: ``qkv`` (nn.Linear(dim, 3 * heads * head_dim), output laid out
-      as (3, heads, head_dim)), ``num_heads``, ``scale``, optional per-head ``q_norm`` /
-      ``k_norm``;
-    - Hugging Face ViT / DeiT attention: ``q_proj`` / ``k_proj`` (transformers 5) or
-      ``query`` / ``key`` (transformers 4), heads from ``num_attention_heads`` or
-      ``config.num_attention_heads``, scale from ``scaling``.
+    - timm's ``Attention`` (ViT, DeiT, DINOv2), ``EvaAttention`` and ``AttentionRope``
+      (EVA02, DINOv3, the rope ViTs) and BEiT's ``Attention``: ``qkv`` (nn.Linear(dim,
+      3 * heads * head_dim), output laid out as (3, heads, head_dim), with ``q_bias`` /
+      ``k_bias`` apart) or ``q_proj`` / ``k_proj`` (``num_kv_heads`` key heads),
+      ``num_heads``, ``scale``, optional per-head ``q_norm`` / ``k_norm``; the rotary
+      embedding passed as ``rope=`` ([..., N, 2 * head_dim], sin then cos, the mixed
+      variant's per-head ones included) rotates the tokens after the module's
+      ``num_prefix_tokens``, interleaved or (``rotate_half``) in halves; BEiT's
+      ``relative_position_bias_table`` / ``relative_position_index`` and
+      ``shared_rel_pos_bias=`` are added to the row;
+    - Hugging Face ViT / DeiT / DINOv2 / DINOv3 attention: ``q_proj`` / ``k_proj``
+      (transformers 5) or ``query`` / ``key`` (transformers 4), heads from
+      ``num_attention_heads`` or ``config.num_attention_heads``, scale from ``scaling``;
+      DINOv3's ``position_embeddings=(cos, sin)`` rotate the last N tokens in halves;
+      BEiT's relative position bias comes in the attention mask (transformers 5) or as
+      ``relative_position_bias=`` (transformers 4).
 
     The scale is the module's ``scale`` or ``scaling``, else 1 / sqrt(head_dim). Hidden
-    states may be passed positionally or as ``hidden_states=`` / ``x=``; an attention mask
-    (``attn_mask=`` / ``attention_mask=`` or the second positional argument, boolean or
-    additive) is applied to the row. Modules that add a rotary embedding or a relative
-    position bias to the logits are refused.
+    states may be passed positionally or as ``hidden_states=`` / ``x=``; the other inputs
+    are read by the names of the module's ``forward`` parameters; an attention mask
+    (``attn_mask=`` / ``attention_mask=``, boolean or additive) is applied to the row.
+    Modules that add a position term the recorder does not recompute (a rotary embedding
+    held by the module, a relative position bias other than BEiT's, Hugging Face
+    ``position_embeddings`` of other models) are refused with a TypeError naming it.
+
+    Mixed precision: under float16 / bfloat16 autocast (or with a float16 / bfloat16
+    model) q and k are formed as the module forms them, the softmax, the head mean, the
+    block sum and the min-max run in float32, and F0 comes back in the attention inputs'
+    dtype (float32 under autocast).
 
     Gradients: in grad mode the rows (and F0) are differentiable with respect to the
     module's input and its projection (and norm) parameters; under ``torch.no_grad()``
@@ -276,7 +181,8 @@ class ClassAttentionRecorder:
         self._layouts = [_Layout(m, f"attention_modules[{i}]") for i, m in enumerate(self.modules)]
         self.grid_size = None if grid_size is None else _pair(grid_size, "grid_size")
         self.num_prefix_tokens = _check_prefix(num_prefix_tokens)
-        self.rows: list[torch.Tensor | None] = [None] * len(self.modules)
+        self.rows: list[torch.Tensor | None] = [None] * len(self.modules)   # [B, heads, T] each, float32 or 64
+        self.dtype: torch.dtype | None = None            # the attention inputs' dtype, F0's
         self.pass_grid: tuple[int, int] | None = None   # set per pass by from_model's patch-embedding hook
         self._grid_source = None                         # (module, patch size, feature-size function)
         self._handles = []
@@ -285,12 +191,13 @@ class ClassAttentionRecorder:
     def from_model(cls, model: nn.Module, grid_size=None, num_prefix_tokens: int | None = None
                    ) -> "ClassAttentionRecorder":
         """A recorder over every block of a timm ``VisionTransformer`` (distilled DeiT and
-        register models included) or a Hugging Face ``ViTModel`` / ``DeiTModel`` (or a
-        model wrapping one, such as ``ViTForImageClassification``), not yet open.
+        register models included), ``Eva`` (EVA02, DINOv3, the rope ViTs) or ``Beit``, or a
+        Hugging Face ``ViTModel`` / ``DeiTModel`` / ``Dinov2Model`` / ``DINOv3ViTModel`` (or
+        a model wrapping one, such as ``ViTForImageClassification``), not yet open.
 
         The prefix count is read from the model (timm ``num_prefix_tokens``; Hugging Face:
-        the class token, plus DeiT's distillation token and any register tokens) unless
-        given. Without ``grid_size`` the grid is read at each pass from the input of the
+        the class token, plus DeiT's distillation token and any register tokens, 4 for
+        DINOv3) unless given. Without ``grid_size`` the grid is read at each pass from the input of the
         model's patch embedding (so timm's ``dynamic_img_size`` and Hugging Face's
         ``interpolate_pos_encoding`` work at any image size); with it, every pass is
         checked against it. A model without a class token (timm ``class_token=False``,
@@ -328,10 +235,9 @@ class ClassAttentionRecorder:
         layout = self._layouts[index]
 
         def hook(module, args, kwargs, output):
-            if kwargs.get("rope") is not None:      # timm's EVA-style blocks pass the rotary embedding in
-                raise TypeError(f"attention_modules[{index}] ({type(module).__name__}) was called with a rotary "
-                                f"position embedding (rope=), which ClassAttentionRecorder does not recompute")
-            self.rows[index] = layout.class_row(module, _hidden_states(args, kwargs), _mask(args, kwargs))
+            inputs = layout.inputs(args, kwargs)
+            self.rows[index] = layout.class_row(module, inputs)
+            self.dtype = inputs["x"].dtype
         return hook
 
     def _grid_hook(self, module, args, kwargs):
@@ -343,10 +249,11 @@ class ClassAttentionRecorder:
 
     # ------------------------------------------------------------------ results
     def attention_map(self, grid_size=None) -> torch.Tensor:
-        """F0 [B, H, W] in the dtype of the recorded rows (the attention inputs' dtype): mean
-        over heads, sum over the recorded blocks, class-token row, patch columns, min-max
-        per image (a constant map gives 0), as :func:`attention_map_from_blocks` on the
-        full weights.
+        """F0 [B, H, W] in the attention inputs' dtype: mean over heads, sum over the
+        recorded blocks, class-token row, patch columns, min-max per image (a constant map
+        gives 0), as :func:`attention_map_from_blocks` on the full weights. For float16 /
+        bfloat16 logits (autocast included) the rows, the mean, the sum and the min-max are
+        float32.
 
         grid_size: (H, W) for this pass; default the recorder's, else the one read from
         the model's patch embedding. Raises ValueError when the recorded sequence does not
@@ -363,14 +270,14 @@ class ClassAttentionRecorder:
         P, T = self.num_prefix_tokens, self.rows[0].shape[-1]
         if T != P + H * W:
             raise _token_count_error(T, P, grid)
-        f0 = torch.stack([r.mean(1) for r in self.rows]).sum(0)[:, P:]   # [B, N]
-        return minmax_normalize(f0.reshape(-1, H, W), (1, 2))
+        return _f0_from_rows(torch.stack(self.rows)[..., P:], grid, self.dtype)
 
 
 # ----------------------------------------------------------------------------- whole models
 def _model_layout(model: nn.Module):
     """(attention modules, prefix count, (patch embedding, patch size, feature-size
-    function or None)) of a timm VisionTransformer or a Hugging Face ViT / DeiT."""
+    function or None)) of a timm VisionTransformer / Eva / Beit or a Hugging Face ViT /
+    DeiT / DINOv2 / DINOv3."""
     name = type(model).__name__
     if hasattr(model, "blocks") and hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens"):
         has_cls = getattr(model, "has_class_token", getattr(model, "cls_token", None) is not None)
@@ -393,9 +300,11 @@ def _model_layout(model: nn.Module):
         pe = model.patch_embed
         return modules, int(model.num_prefix_tokens), (pe, _pair(pe.patch_size, "patch_size"),
                                                        getattr(pe, "dynamic_feat_size", None))
-    base = getattr(model, "base_model", model)
-    emb = getattr(base, "embeddings", None)
-    if emb is not None and hasattr(emb, "patch_embeddings"):
+    # the model itself (DINOv3ViTModel's base_model is its encoder), else the base model of a wrapper
+    base = next((m for m in (model, getattr(model, "base_model", None))
+                 if hasattr(getattr(m, "embeddings", None), "patch_embeddings")), None)
+    if base is not None:
+        emb = base.embeddings
         if getattr(emb, "cls_token", None) is None:
             raise ValueError(f"{name} has no class token (embeddings.cls_token): F0 is the class token's "
                              f"attention row, which this model does not have")
@@ -403,16 +312,18 @@ def _model_layout(model: nn.Module):
         registers = getattr(emb, "register_tokens", None)
         prefix += registers.shape[1] if isinstance(registers, torch.Tensor) else 0
         layers = getattr(base, "layers", None)
+        for holder in ("encoder", "model"):       # transformers 4 and most models; DINOv3
+            if layers is None:
+                layers = getattr(getattr(base, holder, None), "layer", None)
         if layers is None:
-            layers = getattr(getattr(base, "encoder", None), "layer", None)
-        if layers is None:
-            raise TypeError(f"{name}: no `layers` (transformers 5) or `encoder.layer` (transformers 4) found")
+            raise TypeError(f"{name}: no `layers` (transformers 5), `encoder.layer` or `model.layer` found")
         modules = [_hf_attention(layer, f"{name} layer {i}") for i, layer in enumerate(layers)]
-        pe = emb.patch_embeddings
-        return modules, prefix, (pe, _pair(pe.patch_size, "patch_size"), None)
-    raise TypeError(f"from_model reads timm VisionTransformer and Hugging Face ViT / DeiT models (and models wrapping "
-                    f"them), not {name}: build ClassAttentionRecorder(attention_modules, grid_size, "
-                    f"num_prefix_tokens) from the attention modules")
+        pe = emb.patch_embeddings                 # DINOv3: an nn.Conv2d, whose stride is the patch
+        patch = getattr(pe, "patch_size", None) or getattr(pe, "stride", None)
+        return modules, prefix, (pe, _pair(patch, "patch_size"), None)
+    raise TypeError(f"from_model reads timm VisionTransformer / Eva / Beit and Hugging Face ViT / DeiT / DINOv2 / "
+                    f"DINOv3 models (and models wrapping them), not {name}: build ClassAttentionRecorder("
+                    f"attention_modules, grid_size, num_prefix_tokens) from the attention modules")
 
 
 def _hf_attention(layer: nn.Module, where: str) -> nn.Module:

@@ -32,6 +32,10 @@ class FakeTimmVit(nn.Module):
         self.blocks = nn.ModuleList(backbone.Block(dim, 2) for _ in range(2))
         self.norm = nn.LayerNorm(dim)
 
+    def _replace_pool(self, pool):
+        self.global_pool = pool
+        return self
+
     def forward_features(self, x):
         x = self.proj(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.prefix.expand(len(x), -1, -1), x], 1)
@@ -46,7 +50,9 @@ def fake_timm(monkeypatch):
 
     def create_model(name, pretrained, num_classes, img_size, **kwargs):
         calls.append(dict(name=name, pretrained=pretrained, num_classes=num_classes, img_size=img_size, **kwargs))
-        return FakeTimmVit(img_size=img_size, class_token=kwargs.get("class_token", True))
+        model = FakeTimmVit(img_size=img_size, class_token=kwargs.get("class_token", True))
+        model.global_pool = kwargs.get("global_pool", model.global_pool)
+        return model
 
     monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
     return calls
@@ -126,3 +132,22 @@ def test_tiny_vit_checks_its_input_size():
         bb.tokens(torch.rand(1, 3, 64, 64))
     with pytest.raises(ValueError, match="multiple of the patch"):
         backbone.build_backbone("tiny", image_size=30)
+
+
+def test_a_model_pooling_its_tokens_is_read_without_a_warning(fake_timm, recwarn):
+    """DINOv3, EVA02 and BEiT pool with 'avg' by default; the TS-CAM heads read the tokens
+    themselves, so the recorder's warning about the model's own pooling is not shown."""
+    from scm_ops.attention import ClassAttentionRecorder
+    with pytest.warns(UserWarning, match="pools its tokens"):        # the recorder does warn on its own
+        ClassAttentionRecorder.from_model(FakeTimmVit(img_size=32)._replace_pool("avg"))
+    bb = backbone.build_backbone("vit_small_patch16_dinov3", 32, "none", {"global_pool": "avg"})
+    assert bb.model.global_pool == "avg" and bb.num_prefix_tokens == 2
+    assert not [w for w in recwarn if "pools its tokens" in str(w.message)]
+
+
+def test_hugging_face_sources_are_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace())
+    with pytest.raises(ValueError, match="give hf:vit, hf:deit, hf:dinov3"):
+        backbone.build_backbone("hf:no/such/folder")
+    assert backbone._no_pooler("dinov3") == {} and backbone._no_pooler("deit") == dict(add_pooling_layer=False)
+    assert backbone.HF_MODEL_TYPES["dinov3_vit"] == "dinov3"

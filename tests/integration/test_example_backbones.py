@@ -1,8 +1,10 @@
-"""The example (examples/train_wsol.py) end to end, offline, with a timm and a Hugging Face
-backbone shrunk by --backbone-args to one or two blocks, on a few 64 px synthetic images:
-it runs (F0 from the recorder, with the distilled DeiT's two prefix tokens), and the
-console and metrics.json say which weights were loaded; then, in process, a local timm
-weights file and a save_pretrained folder are loaded (the parameters compared).
+"""The example (examples/train_wsol.py) end to end, offline, with timm and Hugging Face
+backbones shrunk by --backbone-args to two blocks, on a few 64 px synthetic images: a
+distilled DeiT (two prefix tokens) and DINOv3 (class token, 4 registers, rotary
+embeddings), from timm with --pretrained none and from transformers' config; it runs (F0
+from the recorder) and the console and metrics.json say which weights were loaded; then, in
+process, a local timm weights file and save_pretrained folders (DeiT, DINOv3) are loaded
+(the parameters compared).
 
 Needs timm and transformers (skipped without them): see tests/integration/README.md.
 """
@@ -46,6 +48,24 @@ def test_timm_backbone_random_initialisation(tmp_path):
     assert metrics["backbone_weights"] == expected and metrics["backbone_args"] == json.loads(TIMM_ARGS)
 
 
+def test_timm_dinov3_backbone_random_initialisation(tmp_path):
+    stdout, metrics = run_example(tmp_path, "--backbone", "vit_small_patch16_dinov3", "--pretrained", "none",
+                                  "--backbone-args", TIMM_ARGS)
+    expected = "random initialisation (timm vit_small_patch16_dinov3, no pretrained weights)"
+    assert f"backbone weights: {expected}" in stdout and metrics["backbone_weights"] == expected
+    bb = backbone.build_backbone("vit_small_patch16_dinov3", 64, "none", json.loads(TIMM_ARGS))
+    assert bb.num_prefix_tokens == 5 and bb.grid == (4, 4)
+
+
+def test_hugging_face_dinov3_backbone_from_a_config(tmp_path):
+    stdout, metrics = run_example(tmp_path, "--backbone", "hf:dinov3", "--backbone-args", HF_ARGS)
+    expected = ("random initialisation (transformers DINOv3ViTModel from DINOv3ViTConfig: hidden_size 32, 2 layers, "
+                "2 heads, patch 16, image 64)")
+    assert f"backbone weights: {expected}" in stdout and metrics["backbone_weights"] == expected
+    bb = backbone.build_backbone("hf:dinov3", 64, overrides=json.loads(HF_ARGS))
+    assert bb.num_prefix_tokens == 5 and bb.grid == (4, 4)               # class token and 4 registers
+
+
 def test_hugging_face_backbone_from_a_config(tmp_path):
     stdout, metrics = run_example(tmp_path, "--backbone", "hf:deit", "--backbone-args", HF_ARGS)
     expected = ("random initialisation (transformers DeiTModel from DeiTConfig: hidden_size 32, 2 layers, 2 heads, "
@@ -80,5 +100,17 @@ def test_timm_local_file_and_hugging_face_folder_are_loaded(tmp_path):
     bb = backbone.build_backbone(f"hf:{tmp_path / 'deit'}", 96)      # another size: positions interpolated
     assert same_weights(bb.model, saved) and bb.num_prefix_tokens == 2 and bb.grid == (6, 6)
     assert bb.weights == f"transformers DeiTModel.from_pretrained({tmp_path / 'deit'})"
+    cls, patches = bb.tokens(torch.rand(2, 3, 96, 96))
+    assert cls.shape == (2, 32) and patches.shape == (2, 36, 32)
+
+
+def test_hugging_face_dinov3_folder_is_loaded_at_another_size(tmp_path):
+    torch.manual_seed(1)
+    saved = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(image_size=64, num_register_tokens=4,
+                                                                      **json.loads(HF_ARGS)))
+    saved.save_pretrained(tmp_path / "dinov3")
+    bb = backbone.build_backbone(f"hf:{tmp_path / 'dinov3'}", 96)     # rotary embeddings: any size
+    assert same_weights(bb.model, saved) and bb.num_prefix_tokens == 5 and bb.grid == (6, 6)
+    assert bb.weights == f"transformers DINOv3ViTModel.from_pretrained({tmp_path / 'dinov3'})"
     cls, patches = bb.tokens(torch.rand(2, 3, 96, 96))
     assert cls.shape == (2, 32) and patches.shape == (2, 36, 32)

@@ -1,8 +1,10 @@
 """ClassAttentionRecorder on real timm models (random initialisation, a few blocks):
 F0 against timm's own materialised attention weights, for a plain DeiT-S, a distilled
-DeiT-S (2 prefix tokens), a model with a class token and 4 registers, a dynamic image
-size, and timm's fused attention on and off; the errors a user can hit; gradients;
-torch.compile(fullgraph=True).
+DeiT-S (2 prefix tokens), a model with a class token and 4 registers, DINOv2, and the Eva
+family (DINOv3 with 4 registers, EVA02, the axial and mixed rope ViTs, grouped-query
+attention) and BEiT (relative position bias, per block and shared), timm's fused attention
+on and off; under bfloat16 autocast; a dynamic image size; the errors a user can hit;
+gradients; torch.compile(fullgraph=True).
 
 Needs timm (skipped without it): see tests/integration/README.md for the environment.
 """
@@ -12,13 +14,22 @@ import torch
 timm = pytest.importorskip("timm")
 
 from scm_ops import ClassAttentionRecorder, attention_map_from_blocks  # noqa: E402
+from scm_ops.attention import class_token_attention  # noqa: E402
+from scm_ops.diffusion import minmax_normalize  # noqa: E402
 
 TOL = 1e-4      # on min-max normalised F0 (each measured error is printed; run with -s)
 
 
 def create(name, **kwargs):
+    """timm's model, randomly initialised; the terms timm initialises to zero (BEiT's relative
+    position bias tables, the q biases of BEiT and Eva) are drawn too, so that they count."""
     torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("relative_position_bias_table", "q_bias")):
+                p.normal_(0, 0.5)
+    return model
 
 
 def set_fused(model, fused):
@@ -63,9 +74,24 @@ MODELS = {   # name: (timm name, create_model arguments, image size, prefix toke
     # span 1e-4 of their mean), so min-max turns float32 rounding into 1e-3: run in float64
     "vit_small_reg4_dinov2": ("vit_small_patch14_reg4_dinov2", dict(depth=3, img_size=98), 98, 5, (7, 7),
                               torch.float64),
+    # the Eva family: the rotary embedding comes in as rope= (DINOv3: rotate-half, class token
+    # and 4 registers left unrotated; EVA02 and the rope ViTs: interleaved; mixed: per head)
+    "dinov3_small": ("vit_small_patch16_dinov3", dict(depth=3), 64, 5, (4, 4), torch.float32),
+    "eva02_tiny": ("eva02_tiny_patch14_224", dict(depth=3, img_size=70), 70, 1, (5, 5), torch.float32),
+    "rope_axial": ("vit_small_patch16_rope_224", dict(depth=3, img_size=64), 64, 1, (4, 4), torch.float32),
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", dict(depth=3, img_size=64), 64, 1, (4, 4), torch.float32),
+    "rope_gqa": ("vit_small_patch16_rope_224", dict(depth=3, img_size=64, qkv_fused=False, num_kv_heads=2), 64, 1,
+                 (4, 4), torch.float32),
+    # BEiT: a relative position bias per block, or one shared by all blocks (shared_rel_pos_bias=)
+    "beit": ("beit_base_patch16_224", dict(depth=3, img_size=64, embed_dim=96, num_heads=4), 64, 1, (4, 4),
+             torch.float32),
+    "beit_shared_bias": ("beit_base_patch16_224", dict(depth=3, img_size=64, embed_dim=96, num_heads=4,
+                                                       use_rel_pos_bias=False, use_shared_rel_pos_bias=True),
+                         64, 1, (4, 4), torch.float32),
 }
 
 
+@pytest.mark.filterwarnings("ignore:.*pools its tokens")       # Eva and BEiT pool with 'avg' by default
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("key", sorted(MODELS))
 def test_f0_matches_timms_attention_weights(key, fused):
@@ -84,6 +110,111 @@ def test_f0_matches_timms_attention_weights(key, fused):
     err = (f0 - expected).abs().max().item()
     print(f"\ntimm {key} ({'fused' if fused else 'unfused'} attention): F0 max abs error {err:.2e}")
     assert err < TOL
+
+
+# the term each family adds to the logits: the rotary embedding passed as rope=, BEiT's own
+# table, or the bias shared by all blocks
+POSITION_TERMS = {"dinov3_small": "rope", "eva02_tiny": "rope", "rope_axial": "rope", "rope_mixed": "rope",
+                  "rope_gqa": "rope", "beit": "relative_position_bias_table", "beit_shared_bias": "shared_rel_pos_bias"}
+
+
+@pytest.mark.parametrize("key", sorted(POSITION_TERMS))
+def test_the_position_term_is_part_of_the_row(key):
+    """class_token_attention with the keywords the block passes equals timm's materialised
+    class row; without the position term it does not (so the F0 comparisons can fail)."""
+    name, kwargs, size, _, grid, _ = MODELS[key]
+    model = create(name, **kwargs)
+    attn, term = model.blocks[1].attn, POSITION_TERMS[key]
+    seen = {}
+    pre = attn.register_forward_pre_hook(lambda m, args, kw: seen.update(x=args[0], kw=dict(kw)), with_kwargs=True)
+    set_fused(model, False)
+    keep = TimmWeights(model)
+    try:
+        with torch.no_grad():
+            model.forward_features(torch.rand(2, 3, size, size))
+    finally:
+        pre.remove()
+        keep.close()
+    expected = keep.weights[1][:, :, 0]                                 # [B, heads, T]
+    with torch.no_grad():
+        row = class_token_attention(attn, seen["x"], **seen["kw"])
+        if term == "relative_position_bias_table":
+            table = attn.relative_position_bias_table.clone()
+            attn.relative_position_bias_table.zero_()
+            without = class_token_attention(attn, seen["x"], **seen["kw"])
+            attn.relative_position_bias_table.copy_(table)
+        else:
+            assert seen["kw"].get(term) is not None
+            without = class_token_attention(attn, seen["x"], **{k: v for k, v in seen["kw"].items() if k != term})
+    assert row.shape == expected.shape
+    torch.testing.assert_close(row, expected, rtol=0, atol=1e-6)        # float32 rows in [0, 1]
+    gap = (without - expected).abs().max().item()
+    print(f"\ntimm {key}: the class row without {term} is off by {gap:.2e}")
+    assert gap > 1e-3
+
+
+# randomly initialised, DINOv2 attends almost uniformly (see MODELS): its bfloat16 map is noise
+AUTOCAST = sorted(k for k in MODELS if MODELS[k][5] == torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:.*pools its tokens")
+@pytest.mark.parametrize("key", AUTOCAST)
+def test_bfloat16_autocast_against_the_materialised_attention(key):
+    """Under autocast the model forms q, k and its attention in bfloat16. The recorder's
+    rows equal the model's materialised class rows up to bfloat16 rounding (the model's
+    weights are rounded to 8 bits, 2^-9 relative, and a logit may round one way or the
+    other: rtol 2^-7; measured at most 3.8e-3), and, summed in float32, its F0 is within
+    0.02 of the float32 model's F0 (measured at most 8.9e-3; the same rows summed in
+    bfloat16 are 0.038 to 0.11 off) and no further from it than the map of the model's own
+    bfloat16 weights."""
+    name, kwargs, size, prefix, grid, _ = MODELS[key]
+    model = create(name, **kwargs)
+    images = torch.rand(2, 3, size, size)
+    recorder = ClassAttentionRecorder.from_model(model)
+    with torch.no_grad():
+        exact = reference_f0(model, images, grid)                       # float32, materialised
+        keep = TimmWeights(model)                                        # fused attention is off
+        try:
+            with recorder, torch.autocast("cpu", dtype=torch.bfloat16):
+                model.forward_features(images)
+        finally:
+            keep.close()
+        f0 = recorder.attention_map()
+    for row, weights in zip(recorder.rows, keep.weights):
+        assert row.dtype == torch.float32
+        torch.testing.assert_close(row, weights[:, :, 0].float(), rtol=2 ** -7, atol=0)
+    own = attention_map_from_blocks([w.float() for w in keep.weights], grid, num_prefix_tokens=prefix)
+    err, own_err = (f0 - exact).abs().max().item(), (own - exact).abs().max().item()
+    summed = torch.stack([r.bfloat16().mean(1) for r in recorder.rows]).sum(0)[:, prefix:]   # rows summed in bfloat16
+    low_err = (minmax_normalize(summed.reshape(-1, *grid), (1, 2)).float() - exact).abs().max().item()
+    print(f"\ntimm {key} under bfloat16 autocast: F0 against float32 {err:.2e} (the model's own bfloat16 "
+          f"weights: {own_err:.2e}), against the materialised bfloat16 attention {(f0 - own).abs().max():.2e}; "
+          f"its rows summed in bfloat16: {low_err:.2e}")
+    assert f0.dtype == torch.float32 and err < 0.02 < low_err and err <= own_err + 1e-6
+
+
+def test_dinov3_any_image_size():
+    """DINOv3 takes any multiple of its patch (dynamic_img_size, rope built for the grid)."""
+    model = create("vit_small_patch16_dinov3", depth=2)
+    with pytest.warns(UserWarning, match="pools its tokens with global_pool='avg'"):
+        recorder = ClassAttentionRecorder.from_model(model)
+    assert recorder.num_prefix_tokens == 5
+    with torch.no_grad(), recorder:
+        for size, grid in (((80, 48), (5, 3)), ((96, 96), (6, 6))):
+            images = torch.rand(2, 3, *size)
+            set_fused(model, True)
+            model.forward_features(images)
+            f0 = recorder.attention_map()
+            err = (f0 - reference_f0(model, images, grid)).abs().max().item()
+            print(f"\ntimm dinov3 at {size}: F0 {tuple(f0.shape)}, max abs error {err:.2e}")
+            assert f0.shape == (2, *grid) and err < TOL
+
+
+def test_a_family_not_read_keeps_a_named_error():
+    """timm's relative-position ViTs add a bias from a `rel_pos` module: refused by name."""
+    model = create("vit_relpos_base_patch16_cls_224", depth=1, embed_dim=64, num_heads=2)
+    with pytest.raises(TypeError, match=r"attention_modules\[0\] \(\w+\) adds a relative position bias \(`rel_pos`\)"):
+        ClassAttentionRecorder.from_model(model)
 
 
 def test_dynamic_image_size_reads_the_grid_per_pass_and_a_fixed_grid_is_checked():
@@ -144,7 +275,10 @@ class WithF0(torch.nn.Module):
         return tokens[:, 0], self.recorder.attention_map()
 
 
-def test_compiles_with_fullgraph_and_matches_eager(compiled_f0_error):
-    err = compiled_f0_error(WithF0(create("deit_small_distilled_patch16_224", depth=2)), torch.rand(2, 3, 224, 224))
-    print(f"\ntimm deit_small_distilled compiled (fullgraph, aot_eager) against eager: F0 max abs error {err:.2e}")
+@pytest.mark.filterwarnings("ignore:.*pools its tokens")
+@pytest.mark.parametrize("key, size", [("deit_small_distilled", 224), ("dinov3_small", 64), ("beit", 64)])
+def test_compiles_with_fullgraph_and_matches_eager(compiled_f0_error, key, size):
+    name, kwargs = MODELS[key][:2]
+    err = compiled_f0_error(WithF0(create(name, **dict(kwargs, depth=2))), torch.rand(2, 3, size, size))
+    print(f"\ntimm {key} compiled (fullgraph, aot_eager) against eager: F0 max abs error {err:.2e}")
     assert err < 1e-5
