@@ -129,6 +129,13 @@ def test_matrix_free_series_matches_torch_loops(monkeypatch, threads, connectivi
         assert_rel_rmse(a, b, tol, name)
 
 
+def _series(name: str, offsets):
+    """(f, w, d) -> u of the p = 16 Chebyshev series or the p = 4 matrix-free series, published gradient."""
+    if name == "chebyshev":
+        return lambda *x: chebyshev.ChebyshevFilter.apply(*x, 0.002, 16, offsets, False)
+    return lambda *x: series.StencilSeries.apply(*x, 0.002, 4, offsets, False)
+
+
 @pytest.mark.parametrize("series_name", ["chebyshev", "matrix_free"])
 def test_threads_give_identical_bits(series_name):
     """Each image is computed by one thread with the same arithmetic, so any thread count must
@@ -140,12 +147,7 @@ def test_threads_give_identical_bits(series_name):
     w, d = random_stencil(8, 4, torch.float64, "cpu", grid=(28, 28))
     f = torch.rand(8, 28, 28, dtype=torch.float64)
     g = torch.randn(8, 28, 28, dtype=torch.float64)
-    if series_name == "chebyshev":
-        def series_of(*x):
-            return chebyshev.ChebyshevFilter.apply(*x, 0.002, 16, offsets, False)
-    else:
-        def series_of(*x):
-            return series.StencilSeries.apply(*x, 0.002, 4, offsets, False)
+    series_of = _series(series_name, offsets)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -171,12 +173,7 @@ def test_weights_off_the_grid_are_not_read(monkeypatch, connectivity, series_nam
     assert not torch.equal(noisy, w)
     f = torch.rand(BATCH, 4, 6, dtype=torch.float64)
     g = torch.randn(BATCH, 4, 6, dtype=torch.float64)
-    if series_name == "chebyshev":
-        def series_of(*x):
-            return chebyshev.ChebyshevFilter.apply(*x, 0.002, 16, offsets, False)
-    else:
-        def series_of(*x):
-            return series.StencilSeries.apply(*x, 0.002, 4, offsets, False)
+    series_of = _series(series_name, offsets)
     monkeypatch.setenv("SCM_OPS_CPU_KERNELS", "0")
     clean = _values_and_grads(series_of, (f, w, d), g)
     torch_loops, c_kernels = _both(monkeypatch, lambda: _values_and_grads(series_of, (f, noisy, d), g))
