@@ -36,9 +36,10 @@ __all__ = [
 ]
 
 from .guards import NonFiniteOutputError
-from .diffusion import ActivationDiffusion, localization_map, minmax_normalize
+from .diffusion import ActivationDiffusion, activation_diffusion, localization_map, minmax_normalize
 
-__all__ += ["ActivationDiffusion", "NonFiniteOutputError", "localization_map", "minmax_normalize"]
+__all__ += ["ActivationDiffusion", "activation_diffusion", "NonFiniteOutputError", "localization_map",
+            "minmax_normalize"]
 
 from .attention import ClassAttentionRecorder, attention_map_from_blocks
 

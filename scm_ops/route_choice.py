@@ -1,11 +1,14 @@
-"""The route of ActivationDiffusion's large-p block (the p = 16 block), measured on the GPU.
+"""The route of each block of ActivationDiffusion's structured path: blocks with 2^p <=
+MATRIX_FREE_MAX_STEPS steps take the matrix-free series, the others (the p = 16 block) one
+of LARGE_P_ROUTES, measured on the GPU. Of scm_ops it imports _common only: the stack
+(scm_ops/diffusion.py) calls it, and it runs the stack through the object it is given.
 
-With ``large_p_route=None`` a module asks ``choose_large_p_route`` at forward time. In
-order of precedence:
+With ``large_p_route=None`` a call of the stack asks ``choose_large_p_route`` at forward
+time. In order of precedence:
 
 1. ``SCM_OPS_LARGE_P_ROUTE=chebyshev|spectral|newton_schulz`` pins the route for every
-   module without an argument (the ``large_p_route=`` argument pins it per module and is
-   read before this function is called).
+   call without an argument (the ``large_p_route=`` argument pins it per module or call and
+   is read before this function is called).
 2. ``SCM_OPS_ROUTE_TUNING=0``: the static default, ``static_large_p_route`` (the Chebyshev
    series; the spectral form for float64 on grids up to FLOAT64_SPECTRAL_MAX_CELLS).
    Those float64 grids always take the static default: it is chosen for exactness there.
@@ -16,7 +19,7 @@ order of precedence:
    file ``$SCM_OPS_CACHE_DIR/routes.json`` (default ``~/.cache/scm_ops/routes.json``).
 4. On CUDA tensors (``should_tune``), outside a traced graph: each candidate route is
    timed on the call's own semantic maps, lam and beta (forward, and backward where the
-   call computes gradients, of the whole module with that route pinned; ``route_timer``
+   call computes gradients, of the whole stack with that route pinned; ``route_timer``
    times it), the fastest is kept in memory and in the cache file, and the timings are
    logged at debug level on the "scm_ops" logger. The call that measures then runs the
    chosen route as any later call does: its result is the pinned route's result.
@@ -25,6 +28,12 @@ order of precedence:
 Inside torch.compile nothing is timed: the cache is read once while the graph is traced
 (``torch.compiler.assume_constant_result``, no graph break). The batch size is symbolic
 there, so the entry of the largest batch bucket measured for the configuration is used.
+
+The functions below take ``module``: an ActivationDiffusion, or any object with its
+attributes grid_size, iterations, alpha, connectivity, exact_gradients, backend,
+large_p_route, lam and beta and a ``forward(attention, semantic)`` that runs the stack
+(``scm_ops.activation_diffusion`` passes one of its own); a measurement runs a shallow copy
+of it with ``large_p_route`` pinned.
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ import logging
 import math
 import os
 import pathlib
+import sys
 import tempfile
 import threading
 import time
@@ -41,14 +51,22 @@ from typing import Callable, Optional
 
 import torch
 
-from . import diffusion as _diffusion
 from ._common import resolve_backend
 
-__all__ = ["choose_large_p_route", "static_large_p_route", "explain_large_p_route", "should_tune", "tuning_enabled",
-           "pinned_route", "cache_path", "config_key", "batch_bucket", "candidate_routes", "synchronized_timer",
-           "route_timer", "clear_memory_cache", "DENSE_CANDIDATE_MAX_CELLS", "CACHE_FORMAT"]
+__all__ = ["choose_large_p_route", "static_large_p_route", "default_large_p_route", "explain_large_p_route",
+           "should_tune", "tuning_enabled", "pinned_route", "cache_path", "config_key", "batch_bucket",
+           "candidate_routes", "synchronized_timer", "route_timer", "clear_memory_cache", "LARGE_P_ROUTES",
+           "MATRIX_FREE_MAX_STEPS", "FLOAT64_SPECTRAL_MAX_CELLS", "DENSE_CANDIDATE_MAX_CELLS", "CACHE_FORMAT"]
 
 logger = logging.getLogger("scm_ops")
+
+# Blocks with 2^p <= this many matrix-free steps take StencilSeries; the others take the
+# route of LARGE_P_ROUTES for the device (see the README for the timings behind the choice).
+MATRIX_FREE_MAX_STEPS = 64
+LARGE_P_ROUTES = ("chebyshev", "spectral", "newton_schulz")
+# float64 inputs on grids up to this many cells take the spectral form by default
+# (static_large_p_route).
+FLOAT64_SPECTRAL_MAX_CELLS = 1024
 
 ROUTE_ENV = "SCM_OPS_LARGE_P_ROUTE"
 TUNING_ENV = "SCM_OPS_ROUTE_TUNING"
@@ -75,8 +93,8 @@ def pinned_route() -> Optional[str]:
     """The route SCM_OPS_LARGE_P_ROUTE pins, or None when it is unset or empty; ValueError
     naming the variable for any other value."""
     route = os.environ.get(ROUTE_ENV) or None
-    if route is not None and route not in _diffusion.LARGE_P_ROUTES:
-        raise ValueError(f"{ROUTE_ENV} must be one of {_diffusion.LARGE_P_ROUTES} or unset, got {route!r}")
+    if route is not None and route not in LARGE_P_ROUTES:
+        raise ValueError(f"{ROUTE_ENV} must be one of {LARGE_P_ROUTES} or unset, got {route!r}")
     return route
 
 
@@ -94,7 +112,19 @@ def should_tune(semantic: torch.Tensor) -> bool:
 
 def _float64_exact(module, semantic: torch.Tensor) -> bool:
     H, W = module.grid_size
-    return semantic.dtype == torch.float64 and H * W <= _diffusion.FLOAT64_SPECTRAL_MAX_CELLS
+    return semantic.dtype == torch.float64 and H * W <= FLOAT64_SPECTRAL_MAX_CELLS
+
+
+def default_large_p_route(device: torch.device, grid_size=None) -> str:
+    """The static route of blocks with 2^p > MATRIX_FREE_MAX_STEPS on `device` for an (H, W)
+    grid: the Chebyshev series, on every device and grid; what runs without a measurement,
+    and the first candidate of one (it wins ties). CPU: faster than the spectral form at
+    14 x 14 (B = 64), 28 x 28 (B = 16) and 56 x 56 (B = 4), C = 200, on every input family
+    (docs/structured.md, "Choosing a route"); its cost grows as N, the others' as N^3. GPU:
+    on the Triton backend one program per image runs each pass of the series (up to
+    chebyshev_max_cells), keeping O(N) per image where dense Newton-Schulz keeps 2p N x N
+    iterates. `grid_size` is accepted for a rule that depends on the grid."""
+    return "chebyshev"
 
 
 def static_large_p_route(module, semantic: torch.Tensor) -> str:
@@ -105,7 +135,7 @@ def static_large_p_route(module, semantic: torch.Tensor) -> str:
     `semantic` [B, C, H, W] in the compute dtype."""
     if _float64_exact(module, semantic):
         return "spectral"
-    return _diffusion.default_large_p_route(semantic.device, module.grid_size)
+    return default_large_p_route(semantic.device, module.grid_size)
 
 
 # -- keys ---------------------------------------------------------------------------------------
@@ -140,8 +170,9 @@ def _versions() -> str:
             triton_version = importlib.metadata.version("triton")
         except importlib.metadata.PackageNotFoundError:
             triton_version = "none"
-        from . import __version__
-        _versions_text = f"torch {torch.__version__}, triton {triton_version}, scm_ops {__version__}"
+        # the package is imported before any of its modules: read, not imported (no cycle)
+        version = getattr(sys.modules.get(__package__), "__version__", "unknown")
+        _versions_text = f"torch {torch.__version__}, triton {triton_version}, scm_ops {version}"
     return _versions_text
 
 
@@ -161,7 +192,7 @@ def config_key(device_type: str, device_index: Optional[int], grid, connectivity
 
 
 def _config_fields(module, semantic: torch.Tensor) -> tuple:
-    """The arguments of config_key for a module call: Python constants, also under torch.compile."""
+    """The arguments of config_key for a call of the stack: Python constants, also under torch.compile."""
     device = semantic.device
     backward = torch.is_grad_enabled() and (semantic.requires_grad or module.lam.requires_grad
                                             or module.beta.requires_grad)
@@ -191,7 +222,7 @@ def cache_path() -> Optional[pathlib.Path]:
 
 
 def _valid_entry(entry) -> bool:
-    return isinstance(entry, dict) and entry.get("route") in _diffusion.LARGE_P_ROUTES
+    return isinstance(entry, dict) and entry.get("route") in LARGE_P_ROUTES
 
 
 def _read(path: Optional[pathlib.Path]) -> dict:
@@ -313,7 +344,7 @@ def synchronized_timer(route: str, run: Callable[[], None], device: torch.device
 
 
 # The timer measure_routes uses when none is passed: route_timer(route, run, device) ->
-# seconds, where run() does one forward (and backward) of the module with that route.
+# seconds, where run() does one forward (and backward) of the stack with that route.
 route_timer: Callable[[str, Callable[[], None], torch.device], float] = synchronized_timer
 
 
@@ -325,11 +356,11 @@ def candidate_routes(module, semantic: torch.Tensor, static: str, backward: bool
     B = semantic.shape[0]
     H, W = module.grid_size
     cells = H * W
-    routes = [static] + [r for r in _diffusion.LARGE_P_ROUTES if r != static]
+    routes = [static] + [r for r in LARGE_P_ROUTES if r != static]
     if cells > DENSE_CANDIDATE_MAX_CELLS:
         return tuple(r for r in routes if r == "chebyshev") or (static,)
     if "newton_schulz" in routes and semantic.is_cuda:
-        p = max((p for p in module.iterations if 2 ** p > _diffusion.MATRIX_FREE_MAX_STEPS), default=0)
+        p = max((p for p in module.iterations if 2 ** p > MATRIX_FREE_MAX_STEPS), default=0)
         matrices = 2 * p + 4 if backward else 4
         needed = B * cells * cells * semantic.element_size() * matrices
         try:
@@ -342,7 +373,7 @@ def candidate_routes(module, semantic: torch.Tensor, static: str, backward: bool
 
 
 def _runner(module, route: str, semantic: torch.Tensor, backward: bool) -> Callable[[], None]:
-    """One call of the whole module with `route` pinned, on the call's semantic maps (a
+    """One call of the whole stack with `route` pinned, on the call's semantic maps (a
     detached copy), lam and beta, and a uniform F0 (F0 changes no route's cost: the series'
     degree follows the bound R of L, from S and lam). With `backward`, gradients to F0, S0,
     lam and beta by torch.autograd.grad: nothing is accumulated into .grad."""
@@ -401,8 +432,9 @@ def _format_timings(entry: dict) -> str:
 
 def choose_large_p_route(module, semantic: torch.Tensor, timer: Optional[Callable] = None) -> str:
     """The route of `module`'s large-p blocks for this call (module docstring, in its order):
-    `module` an ActivationDiffusion with large_p_route=None, `semantic` [B, C, H, W] (B >= 1)
-    in the compute dtype (float32 or float64), on the module's device. `timer` replaces
+    `module` an ActivationDiffusion (or the like, module docstring) with large_p_route=None,
+    `semantic` [B, C, H, W] (B >= 1) in the compute dtype (float32 or float64), on the
+    device of its lam. `timer` replaces
     route_timer (seconds of one call; see synchronized_timer). Returns one of LARGE_P_ROUTES."""
     pinned = pinned_route()
     if pinned is not None:
@@ -449,7 +481,7 @@ def explain_large_p_route(module, semantic: torch.Tensor) -> str:
     if not tuning_enabled():
         return f"{static} (static default: {TUNING_ENV}=0)"
     if _float64_exact(module, semantic):
-        return f"{static} (static default for float64 up to {_diffusion.FLOAT64_SPECTRAL_MAX_CELLS} cells)"
+        return f"{static} (static default for float64 up to {FLOAT64_SPECTRAL_MAX_CELLS} cells)"
     key, bucket = config_key(*_config_fields(module, semantic)), batch_bucket(semantic.shape[0])
     entry = _lookup(key, bucket)
     if entry is not None and not entry.get("ms"):

@@ -3,6 +3,9 @@ stands in for the GPU's, and should_tune is patched so that CPU tensors take the
 CUDA tensors."""
 import json
 import logging
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -284,3 +287,63 @@ def test_under_compile_nothing_is_timed(timer, cached):
     ref_f, ref_s = module(large_p_route=expected)(f, s)
     torch.testing.assert_close(out_f, ref_f)
     torch.testing.assert_close(out_s, ref_s)
+
+
+def test_the_functional_form_is_measured_and_cached_as_the_module(monkeypatch):
+    """activation_diffusion with large_p_route=None measures on its own lam and beta (the
+    measuring runs leave no gradient), and the module of the same configuration reads the
+    same cache entry: the key does not depend on which of the two calls."""
+    fake = FakeTimer(SPECTRAL_FASTEST, call=True)
+    monkeypatch.setattr(route_choice, "route_timer", fake)
+    m = module()
+    lam, beta = (p.detach().clone().requires_grad_() for p in (m.lam, m.beta))
+    f, s = inputs()
+    settings = dict(grid_size=GRID, iterations=ITERATIONS, backend="torch")
+    out = scm_ops.activation_diffusion(f, s, lam, beta, **settings)
+    assert fake.calls == list(ROUTES) and lam.grad is None and beta.grad is None
+    pinned = scm_ops.activation_diffusion(f, s, lam, beta, large_p_route="spectral", **settings)
+    assert all(torch.equal(a, b) for a, b in zip(out, pinned))
+    fake.calls.clear()
+    assert route_of(m, s) == "spectral" and fake.calls == []
+
+
+# -- where the route choice lives -----------------------------------------------------------------
+
+def _scm_ops_imports(path):
+    """The scm_ops modules that the file at `path` imports, at module level or inside functions."""
+    import ast
+    package = "scm_ops." + ".".join(path.relative_to(pathlib.Path(scm_ops.__file__).parent).with_suffix("").parts)
+    package = package.removesuffix(".__init__")
+    base = package.split(".") if path.name == "__init__.py" else package.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            where = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else [])) \
+                if node.level else (node.module or "")
+            found |= {f"{where}.{a.name}" if f"{where}.{a.name}" in MODULES else where for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return package, {m for m in found if m in MODULES and m != package}
+
+
+MODULES = {("scm_ops." + ".".join(p.relative_to(pathlib.Path(scm_ops.__file__).parent).with_suffix("").parts))
+           .removesuffix(".__init__") for p in pathlib.Path(scm_ops.__file__).parent.rglob("*.py")}
+
+
+def test_no_two_modules_import_each_other_and_route_choice_imports_only_common():
+    imports = dict(_scm_ops_imports(p) for p in pathlib.Path(scm_ops.__file__).parent.rglob("*.py"))
+    assert imports["scm_ops.route_choice"] == {"scm_ops._common"}
+    mutual = sorted({tuple(sorted((a, b))) for a, targets in imports.items() for b in targets
+                     if a in imports.get(b, ())})
+    assert mutual == []
+
+
+def test_importing_scm_ops_leaves_triton_and_the_compiler_unimported():
+    """TRITON_INTERPRET may be set after `import scm_ops` (the self-check does, the tests'
+    conftest does): nothing may import triton before the first call that needs it."""
+    code = ("import sys, scm_ops, scm_ops.check\n"
+            "print(sorted(m for m in ('triton', 'triton.language', 'torch._dynamo', 'scm_ops.route_choice')"
+            " if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
