@@ -187,9 +187,9 @@ def kernel_module(name: str):
             raise triton_missing_error() from err
         if err.name not in ("scm_ops.kernels", f"scm_ops.kernels.{name}"):
             raise
-        import scm_ops
+        here = os.path.dirname(os.path.abspath(__file__))
         raise ImportError(
-            f"scm_ops.kernels is missing: scm_ops was imported from {scm_ops.__path__[0]}, which is "
+            f"scm_ops.kernels is missing: scm_ops was imported from {here}, which is "
             "neither an installed package nor the scm_ops/ folder of a clone (with kernels/ and "
             "pyproject.toml beside it). Install the package (pip install .).") from err
 

@@ -9,7 +9,8 @@ a cache runs its code inside the training process. So every directory scm-ops cr
 is created with mode 0700, and a file is read back only through :func:`open_private_file`,
 which checks, on the opened directory and the opened file (no window between the check and
 the use), that both are owned by the effective user and writable by nobody else, and that
-the file is a regular file reached without a symbolic link. Anything else raises
+the file is a regular file, not a symbolic link (a directory may be one: what is checked is
+the directory it leads to). Anything else raises
 :class:`UntrustedCacheError`, whose message names the path; callers warn and do without the
 cache (the kernels are then built into a private temporary directory of the process, the
 routes measured again).
@@ -57,9 +58,10 @@ def _check(st: os.stat_result, path, kind: str) -> None:
 
 
 def private_directory(path: pathlib.Path) -> pathlib.Path:
-    """Create `path` where missing, each missing level with mode 0700, and check it: a
-    directory (not a symbolic link) owned by the effective user and writable by nobody else.
-    Raises UntrustedCacheError naming the path, or OSError where it cannot be created."""
+    """Create `path` where missing, each missing level with mode 0700, and check the directory
+    it names (a symbolic link is followed: a cache moved to another disk is common): owned by
+    the effective user and writable by nobody else. Raises UntrustedCacheError naming the
+    path, or OSError where it cannot be created or is not a directory."""
     path = pathlib.Path(path)
     missing = []
     for level in (path, *path.parents):
@@ -71,20 +73,20 @@ def private_directory(path: pathlib.Path) -> pathlib.Path:
             os.mkdir(level, 0o700)
         except FileExistsError:       # made by another process meanwhile: checked below
             pass
-    st = os.lstat(path)
+    st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
-        raise UntrustedCacheError(f"the cache directory {path} is not a directory (a symbolic link or a file)")
+        raise NotADirectoryError(f"the cache directory {path} is not a directory")
     _check(st, path, "directory")
     return path
 
 
 def open_private_file(path: pathlib.Path) -> int:
     """A read-only file descriptor of the cache file `path`, after checking its directory and
-    the file itself as opened: owned by the effective user, writable by nobody else, not
-    reached through a symbolic link, a regular file. FileNotFoundError where it does not
+    the file itself as opened: owned by the effective user, writable by nobody else, the
+    file a regular file and not a symbolic link. FileNotFoundError where it does not
     exist, UntrustedCacheError (naming the path) where it is refused. The caller closes it."""
     path = pathlib.Path(path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC)
+    dir_fd = os.open(path.parent, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
     try:
         st = os.fstat(dir_fd)
         if not stat.S_ISDIR(st.st_mode):

@@ -52,6 +52,7 @@ from typing import Callable, Optional
 import torch
 
 from ._common import resolve_backend
+from .cache import UntrustedCacheError, cache_root, private_directory, read_private_text, warn_untrusted
 
 __all__ = ["choose_large_p_route", "static_large_p_route", "default_large_p_route", "explain_large_p_route",
            "should_tune", "tuning_enabled", "pinned_route", "cache_path", "config_key", "batch_bucket",
@@ -70,7 +71,6 @@ FLOAT64_SPECTRAL_MAX_CELLS = 1024
 
 ROUTE_ENV = "SCM_OPS_LARGE_P_ROUTE"
 TUNING_ENV = "SCM_OPS_ROUTE_TUNING"
-CACHE_DIR_ENV = "SCM_OPS_CACHE_DIR"
 CACHE_FILE = "routes.json"
 CACHE_FORMAT = 1
 
@@ -211,14 +211,10 @@ _lock = threading.Lock()
 
 def cache_path() -> Optional[pathlib.Path]:
     """$SCM_OPS_CACHE_DIR/routes.json, else ~/.cache/scm_ops/routes.json; None without a
-    home directory."""
-    directory = os.environ.get(CACHE_DIR_ENV)
-    if directory:
-        return pathlib.Path(directory) / CACHE_FILE
-    try:
-        return pathlib.Path.home() / ".cache" / "scm_ops" / CACHE_FILE
-    except RuntimeError:
-        return None
+    home directory. Read only when this user owns it and nobody else can write it
+    (scm_ops/cache.py): a foreign file is ignored with a warning, its routes measured again."""
+    root = cache_root()
+    return None if root is None else root / CACHE_FILE
 
 
 def _valid_entry(entry) -> bool:
@@ -227,13 +223,16 @@ def _valid_entry(entry) -> bool:
 
 def _read(path: Optional[pathlib.Path]) -> dict:
     """The entries of a cache file; {} for a missing, unreadable or malformed file (logged at
-    debug level), and without the malformed entries of a readable one."""
+    debug level) or one another user could have written (a warning naming it), and without
+    the malformed entries of a readable one."""
     if path is None:
         return {}
     try:
-        with open(path) as fh:
-            data = json.load(fh)
+        data = json.loads(read_private_text(path))
     except FileNotFoundError:
+        return {}
+    except UntrustedCacheError as err:
+        warn_untrusted(err, "its routes are not used")
         return {}
     except (OSError, ValueError) as err:
         logger.debug("ignoring the route cache %s: %s", path, err)
@@ -248,13 +247,14 @@ def _read(path: Optional[pathlib.Path]) -> dict:
 
 def _write(path: Optional[pathlib.Path], key: str, bucket: str, entry: dict) -> None:
     """Add one entry to the cache file: read it again (other processes may have written),
-    merge, write a temporary file in the same folder and rename it over the file (atomic).
-    A failure is logged at debug level; the choice stays in memory."""
+    merge, write a temporary file (mode 0600) in the same private folder and rename it over
+    the file (atomic). A failure is logged at debug level, a folder another user could write
+    is refused with a warning; the choice stays in memory."""
     if path is None:
         return
     tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(path.parent)
         routes = _read(path)
         routes.setdefault(key, {})[bucket] = entry
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".routes-", suffix=".tmp")
@@ -264,6 +264,8 @@ def _write(path: Optional[pathlib.Path], key: str, bucket: str, entry: dict) -> 
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         tmp = None
+    except UntrustedCacheError as err:
+        warn_untrusted(err, "the route is kept in memory only")
     except OSError as err:
         logger.debug("could not write the route cache %s: %s", path, err)
     finally:

@@ -109,16 +109,28 @@ def test_a_directory_others_can_write_is_refused(tmp_path, mode):
         cache.read_private_text(path / "f")
 
 
-def test_symbolic_links_are_refused(tmp_path):
+def test_symbolic_links(tmp_path):
+    """A linked cache directory is judged by the directory it leads to; a linked file is refused."""
     real = cache.private_directory(tmp_path / "real")
     (real / "f").write_text("x")
     os.symlink(real, tmp_path / "link")
     os.symlink(real / "f", real / "g")
-    with pytest.raises(cache.UntrustedCacheError, match="not a directory"):
-        cache.private_directory(tmp_path / "link")
+    assert cache.private_directory(tmp_path / "link") == tmp_path / "link"
+    assert cache.read_private_text(tmp_path / "link" / "f") == "x"
     with pytest.raises(cache.UntrustedCacheError, match="symbolic link"):
         cache.read_private_text(real / "g")
-    assert cache.read_private_text(real / "f") == "x"
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    os.symlink(shared, tmp_path / "link-to-shared")
+    with pytest.raises(cache.UntrustedCacheError, match="writable by its group or by others"):
+        cache.private_directory(tmp_path / "link-to-shared")
+
+
+def test_a_file_where_the_directory_should_be_is_not_used(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(NotADirectoryError):
+        cache.private_directory(tmp_path / "f")
 
 
 def test_a_file_others_can_write_is_refused(tmp_path):

@@ -2,6 +2,7 @@
 stands in for the GPU's, and should_tune is patched so that CPU tensors take the path of
 CUDA tensors."""
 import json
+import os
 import logging
 import pathlib
 import subprocess
@@ -216,6 +217,28 @@ def test_an_unwritable_cache_keeps_the_choice_in_memory(timer, monkeypatch, tmp_
     assert route_of(m, s) == "spectral" and route_of(m, s) == "spectral" and len(timer.calls) == 3
 
 
+@pytest.mark.parametrize("writable", ["file", "folder"])
+def test_a_cache_file_others_can_write_is_never_used(timer, tmp_path, writable):
+    """An entry naming another route, in a file or folder anyone can write: ignored with a
+    warning naming the path, the route measured again; the same entry in this user's private
+    file is used (so the check is what keeps it out)."""
+    path = cache_file(tmp_path)
+    m, s = module(), inputs()[1]
+    assert route_of(m, s) == "spectral" and len(timer.calls) == 3
+    data = json.loads(path.read_text())
+    for buckets in data["routes"].values():
+        buckets["2"]["route"] = "newton_schulz"
+    path.write_text(json.dumps(data))
+    route_choice.clear_memory_cache()
+    assert route_of(m, s) == "newton_schulz" and len(timer.calls) == 3          # trusted: used
+    route_choice.clear_memory_cache()
+    os.chmod(path if writable == "file" else path.parent, 0o666 if writable == "file" else 0o777)
+    refused = path if writable == "file" else path.parent
+    with pytest.warns(RuntimeWarning, match=f"{refused}.* writable by its group or by others"):
+        assert route_of(m, s) == "spectral"
+    assert len(timer.calls) == 6
+
+
 def test_routes_that_fail_are_not_chosen(monkeypatch, tmp_path):
     fake = FakeTimer(SPECTRAL_FASTEST, fail={"spectral"})
     monkeypatch.setattr(route_choice, "route_timer", fake)
@@ -332,7 +355,8 @@ MODULES = {("scm_ops." + ".".join(p.relative_to(pathlib.Path(scm_ops.__file__).p
 
 def test_no_two_modules_import_each_other_and_route_choice_imports_only_common():
     imports = dict(_scm_ops_imports(p) for p in pathlib.Path(scm_ops.__file__).parent.rglob("*.py"))
-    assert imports["scm_ops.route_choice"] == {"scm_ops._common"}
+    assert imports["scm_ops.route_choice"] == {"scm_ops._common", "scm_ops.cache"}
+    assert imports["scm_ops.cache"] == set()
     mutual = sorted({tuple(sorted((a, b))) for a, targets in imports.items() for b in targets
                      if a in imports.get(b, ())})
     assert mutual == []
