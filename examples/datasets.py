@@ -162,3 +162,17 @@ def subset(dataset, n: int | None, seed: int):
     sub = torch.utils.data.Subset(dataset, sorted(idx.tolist()))
     sub.classes = dataset.classes
     return sub
+
+
+def split_off(dataset, n: int, seed: int):
+    """(rest, held): a seeded random n items held out of `dataset` (a validation split carved
+    out of the training images) and the others, both with the dataset's classes."""
+    if not 0 < n < len(dataset):
+        raise ValueError(f"--val-size must be between 1 and {len(dataset) - 1} (the training images), got {n}")
+    idx = np.random.default_rng(seed).permutation(len(dataset))
+    parts = []
+    for chosen in (idx[n:], idx[:n]):
+        part = torch.utils.data.Subset(dataset, sorted(chosen.tolist()))
+        part.classes = dataset.classes
+        parts.append(part)
+    return tuple(parts)

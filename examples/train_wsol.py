@@ -2,6 +2,7 @@
 
     python examples/train_wsol.py --mode quick             # about 1-2 min on 2 CPU cores: smoke check
     python examples/train_wsol.py --mode full --seed 1     # the synthetic benchmark, one seed
+    python examples/train_wsol.py --mode study --seed 1 --threads 1   # one seed of examples/study.py
     python examples/train_wsol.py --mode pretrain          # remakes examples/pretrained/tinyvit_parts.pt
     python examples/train_wsol.py --dataset cub --data-root CUB_200_2011 --mode quick
     python examples/train_wsol.py --dataset wsol --metadata-root metadata/ILSVRC --data-root ILSVRC
@@ -15,7 +16,9 @@ on GAP(S0), SCM with the loss on GAP(S) after scm_ops.ActivationDiffusion. F0 is
 class-token attention summed over blocks (scm_ops.attention.ClassAttentionRecorder, which
 reads it from the unmodified attention modules), S0 a 3 x 3 conv over the final-norm patch
 tokens. At inference SCM is dropped and both localise with F0 * S0[c]. Writes, under
---out: metrics.json, figure.png, baseline.pt and scm.pt. See docs/example.md.
+--out: metrics.json (results, and per training step the loss, LR and each SCM block's lam
+and beta, with probes of the spreading on held-out images), figure.png, training.png (the
+history), baseline.pt and scm.pt. See docs/example.md.
 """
 from __future__ import annotations
 
@@ -46,6 +49,9 @@ SHIPPED_BACKBONE = os.path.join(HERE, "pretrained", "tinyvit_parts.pt")
 MODES = {
     "quick": dict(train=512, test=256, epochs=1, lr=5e-5),
     "full": dict(train=2400, test=600, epochs=4, lr=5e-4),
+    # examples/study.py's setting, per seed: the published recipe (batch 16, constant LR, /10 for the last
+    # epoch) scaled to 450 steps: LR x steps 0.45, as the published 5e-5 x about 11,000 steps (0.55)
+    "study": dict(train=2400, test=600, epochs=3, lr=1e-3, batch=16, schedule="step"),
     "pretrain": dict(train=3000, test=500, epochs=10, lr=2e-3),
 }
 
@@ -103,23 +109,100 @@ def log(*args):
         print(*args, flush=True)
 
 
-def train(model, dataset, epochs, seed, desc, lr, workers=0, batch_size=64, loss_fn=None):
-    """AdamW with warm-up and cosine decay; loss_fn(model outputs, labels) defaults to the
-    cross-entropy of the logits."""
+def param_groups(model, weight_decay):
+    """The published code's optimiser groups (timm's create_optimizer): every 1-D parameter
+    and bias (norm weights, each SCM block's lam and beta) without weight decay, the rest
+    with `weight_decay`."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(schedule, step, total, steps_per_epoch):
+    """The LR multiplier at a step. 'cosine': linear warm-up over 10 % of the steps, then a
+    cosine decay; 'step' (the published schedule): constant, divided by 10 for the last
+    epoch (of more than one)."""
+    if schedule == "step":
+        return 0.1 if total > steps_per_epoch and step >= total - steps_per_epoch else 1.0
+    warm = max(1, total // 10)
+    return (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def box_patches(boxes, grid, size):
+    """[B, H, W] bool: the patches whose centre lies in one of each image's boxes (x0, y0, x1, y1
+    in pixels of a size x size image)."""
+    h, w = grid
+    cy = (torch.arange(h, dtype=torch.float64) + 0.5) * size / h
+    cx = (torch.arange(w, dtype=torch.float64) + 0.5) * size / w
+    masks = torch.zeros(len(boxes), h, w, dtype=torch.bool)
+    for i, b in enumerate(boxes):
+        for x0, y0, x1, y1 in np.asarray(b, dtype=np.float64).reshape(-1, 4):
+            masks[i] |= ((cy >= y0) & (cy <= y1))[:, None] & ((cx >= x0) & (cx <= x1))[None, :]
+    return masks
+
+
+def top_share(maps, masks):
+    """Mean over images of the share of a map's k highest patches that lie in the box, k the
+    box's patch count (the calibration demo's measure): maps [B, H, W], masks [B, H, W] bool."""
+    shares = []
+    for m, inside in zip(maps.flatten(1), masks.flatten(1)):
+        k = max(1, int(inside.sum()))
+        shares.append(inside[m.topk(k).indices].float().mean().item())
+    return float(np.mean(shares))
+
+
+@torch.no_grad()
+def spreading(model, images, labels, boxes, keep=0):
+    """Spreading on held-out images [B, 3, S, S]: top_share of F0, of F after each SCM block
+    (SCM models) and of the inference map F0 * S0[c] (c the true class). With keep, also
+    "maps": float16 [keep, 1 + blocks, H, W], F0 and F after each block of the first images."""
+    from scm_figure import block_outputs
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    _, f0, s0 = (t.float() for t in model(images.to(device)))
+    masks = box_patches(boxes, f0.shape[-2:], images.shape[-1])
+    out = {"f0": top_share(f0.cpu(), masks)}
+    fs = [f for f, _ in block_outputs(model.scm, f0, s0)] if model.scm is not None else []
+    if fs:
+        out["f"] = [top_share(f, masks) for f in fs]
+    if keep:
+        out["maps"] = torch.stack([f0.cpu()] + fs, 1)[:keep].half().numpy()
+    out["map"] = top_share(scm_ops.localization_map(f0, s0, labels.to(device)).cpu(), masks)
+    model.train(was)
+    return out
+
+
+def train(model, dataset, epochs, seed, desc, lr, workers=0, batch_size=64, loss_fn=None, schedule="cosine",
+          weight_decay=0.05, probe=None, probe_every=0):
+    """AdamW (param_groups) with the LR schedule lr_factor; loss_fn(model outputs, labels)
+    defaults to the cross-entropy of the logits. probe: held-out (images, labels, boxes) whose
+    spreading is measured before training, every probe_every steps and at the end. Returns
+    the history: per step the loss, LR and each SCM block's lam and beta; the probes (with,
+    under "maps", F0 and F of the first two probe images: spreading's keep)."""
     from tqdm import tqdm
     g = torch.Generator().manual_seed(seed)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
     batch = batch_size // world
     steps_per_epoch = max(1, len(dataset) // (batch * world))
     total = epochs * steps_per_epoch
-    warm = max(1, total // 10)   # linear warm-up over 10 % of the steps, then a cosine decay
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: (t + 1) / warm if t < warm else
-                                              0.5 * (1 + math.cos(math.pi * (t - warm) / max(1, total - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(schedule, t, total, steps_per_epoch))
+    history = dict(step=[], loss=[], lr=[], lam=[], beta=[], probe=[])
+    scm = getattr(model, "scm", None)
+
+    def record_probe(step):
+        if probe is not None and is_main():
+            history["probe"].append(dict(step=step, **spreading(model, *probe, keep=2)))
+
+    record_probe(0)
     bar = tqdm(total=total, desc=desc, disable=not is_main(), mininterval=5, file=sys.stdout)
     model.train()
+    step = 0
     for _ in range(epochs):
         order = torch.randperm(len(dataset), generator=g)  # the same on every rank, then sharded
         batches = [order[(s * world + rank) * batch:(s * world + rank + 1) * batch].tolist()
@@ -136,12 +219,22 @@ def train(model, dataset, epochs, seed, desc, lr, workers=0, batch_size=64, loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # SCM's (1 + tau) products scale S up to 16x
+            history["lr"].append(opt.param_groups[0]["lr"])
             opt.step()
             sched.step()
+            step += 1
+            history["step"].append(step)
+            history["loss"].append(round(loss.item(), 5))
+            if scm is not None:
+                history["lam"].append([round(v, 6) for v in scm.lam.detach().float().tolist()])
+                history["beta"].append([round(v, 6) for v in scm.beta.detach().float().tolist()])
+            if probe_every and step % probe_every == 0 and step < total:
+                record_probe(step)
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    return model
+    record_probe(step)
+    return history
 
 
 @torch.no_grad()
@@ -266,12 +359,21 @@ def describe(args, cfg, data, pretrained_path, weights):
                      f"badge: the body's texture, from a classifier on the class token (DeiT-style); "
                      f"writes {os.path.relpath(args.save_backbone)}")
     else:
-        lines.append(f"   fine-tunes {start} for {cfg['epochs']} epoch(s) at LR {cfg['lr']:g}, twice: TS-CAM "
-                     f"baseline and SCM; localises with F0 * S0[c]")
+        lines.append(f"   fine-tunes {start} for {cfg['epochs']} epoch(s) at LR {cfg['lr']:g} ({cfg['schedule']} "
+                     f"schedule, batch {cfg['batch']}), twice: TS-CAM baseline and SCM; localises with F0 * S0[c]")
+    if args.val_size:
+        lines.append(f"   evaluates on {args.val_size} validation images held out of the training images, "
+                     f"not on the test images")
     if args.mode == "quick":
         lines.append("   quick mode is a smoke check of the pipeline on a small subset: the numbers show the "
                      "maps localise, they are not a paper result")
     return "\n".join(lines)
+
+
+def _floats(text):
+    """'3' -> 3.0, '0.02,0.5,0.5,0.5' -> [0.02, 0.5, 0.5, 0.5] (an argparse type)."""
+    values = [float(v) for v in text.split(",")]
+    return values[0] if len(values) == 1 else values
 
 
 def main(argv=None):
@@ -283,8 +385,9 @@ def main(argv=None):
     parser.add_argument("--metadata-root", help="wsol: the folder holding train/ and test/ (wsolevaluation's metadata/<DATASET>)")
     parser.add_argument("--eval-split", default="test", help="wsol: the metadata split to evaluate on (test or val)")
     parser.add_argument("--backbone", default="tiny", help="'tiny' (the example's ViT), a timm model name, "
-                        "e.g. deit_small_patch16_224 (needs timm), or hf:vit / hf:deit (a transformers ViT / DeiT "
-                        "from a config, randomly initialised) / hf:FOLDER (from_pretrained; needs transformers)")
+                        "e.g. deit_small_patch16_224 or vit_small_patch16_dinov3 (needs timm), or hf:vit / hf:deit / "
+                        "hf:dinov3 (a transformers ViT / DeiT / DINOv3ViT from a config, randomly initialised) / "
+                        "hf:FOLDER (from_pretrained; needs transformers)")
     parser.add_argument("--backbone-args", type=json.loads, default=None, metavar="JSON",
                         help="model arguments for timm / hf backbones, e.g. '{\"depth\": 2, \"embed_dim\": 64}' "
                         "(timm.create_model) or '{\"num_hidden_layers\": 2, \"hidden_size\": 64}' (config fields)")
@@ -296,7 +399,19 @@ def main(argv=None):
     parser.add_argument("--save-backbone", default=SHIPPED_BACKBONE, help="pretrain mode: where to write")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch (split over DDP ranks)")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch (split over DDP ranks; "
+                        "default: the mode's)")
+    parser.add_argument("--schedule", choices=("cosine", "step"), default=None, help="LR schedule: cosine "
+                        "(warm-up, cosine decay) or step (the published one: constant, /10 for the last epoch)")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (never on 1-D "
+                        "parameters and biases, lam and beta included)")
+    parser.add_argument("--lam", type=_floats, default=None, help="initial lam: one value, or one per SCM "
+                        "block comma-separated (default 1.0)")
+    parser.add_argument("--beta", type=_floats, default=None, help="initial beta, as --lam (default 0.5)")
+    parser.add_argument("--val-size", type=int, default=0, help="hold this many training images out as a "
+                        "validation split and evaluate on it instead of the test images (to choose a recipe)")
+    parser.add_argument("--probe-images", type=int, default=32, help="held-out images whose spreading is "
+                        "logged during training (the first of the evaluation split)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available; "
                         "under torchrun each rank takes cuda:<local rank>)")
     parser.add_argument("--train-size", type=int, default=None, help="number of training images (override)")
@@ -319,13 +434,22 @@ def main(argv=None):
     cfg = dict(MODES[args.mode])
     cfg["epochs"] = args.epochs or cfg["epochs"]
     cfg["lr"] = args.lr or cfg["lr"]
+    cfg["batch"] = args.batch_size or cfg.get("batch", 64)
+    cfg["schedule"] = args.schedule or cfg.get("schedule", "cosine")
+    scm_init = dict(lam=args.lam if args.lam is not None else cfg.get("lam", 1.0),
+                    beta=args.beta if args.beta is not None else cfg.get("beta", 0.5))
     out = args.out or f"runs/{args.mode}-seed{args.seed}"
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
 
     def new_model(use_scm, num_classes):
         torch.manual_seed(args.seed)
-        return WSOLModel(backbone(), num_classes, use_scm).to(device)
+        model = WSOLModel(backbone(), num_classes, use_scm)
+        if use_scm:
+            with torch.no_grad():
+                model.scm.lam.copy_(torch.tensor(scm_init["lam"]).expand_as(model.scm.lam))
+                model.scm.beta.copy_(torch.tensor(scm_init["beta"]).expand_as(model.scm.beta))
+        return model.to(device)
 
     def backbone():
         return build_backbone(args.backbone, args.image_size, args.pretrained if args.backbone != "tiny" else None,
@@ -334,6 +458,9 @@ def main(argv=None):
     probe = backbone()
     size = probe.image_size
     data = load_data(args, size)
+    if args.val_size:   # the test images are neither trained on nor evaluated
+        data = dict(zip(("train", "test"), datasets.split_off(data["train"], args.val_size, args.seed + 2)))
+    eval_split = "val" if args.val_size else "test"
     classes = data["train"].classes
     pretrained_path = None
     if args.mode != "pretrain" and args.backbone == "tiny" and args.pretrained != "none":
@@ -354,8 +481,9 @@ def main(argv=None):
         def texture_task(outputs, y):   # the body's texture from the class token
             return F.cross_entropy(outputs[0], y // nc)
 
-        train(model, data["train"], cfg["epochs"], args.seed, "pretrain", cfg["lr"], args.workers, args.batch_size,
-              loss_fn=texture_task)
+        history = {"pretrain": train(model, data["train"], cfg["epochs"], args.seed, "pretrain", cfg["lr"],
+                                     args.workers, cfg["batch"], loss_fn=texture_task, schedule=cfg["schedule"],
+                                     weight_decay=args.weight_decay)}
         if is_main():
             textures = torch.cat([model(x)[0].argmax(1) for x, _, _ in torch.utils.data.DataLoader(
                 data["train"], batch_size=256, collate_fn=datasets.collate)][:2])
@@ -376,11 +504,16 @@ def main(argv=None):
             if is_main():
                 results["pretrained_f0"], _ = evaluate(start, data["test"], "eval pretrained F0", f0_only=True,
                                                        classify=False)
+        probe = datasets.collate([data["test"][i] for i in range(min(args.probe_images, len(data["test"])))])
+        steps = cfg["epochs"] * max(1, len(data["train"]) // cfg["batch"])
+        history = {}
         for name in ("baseline", "scm"):
             model = new_model(name == "scm", len(classes))
             model.backbone.load_state_dict(start.backbone.state_dict())   # the same start for both
             model.head.load_state_dict(start.head.state_dict())
-            train(model, data["train"], cfg["epochs"], args.seed + 1, name, cfg["lr"], args.workers, args.batch_size)
+            history[name] = train(model, data["train"], cfg["epochs"], args.seed + 1, name, cfg["lr"], args.workers,
+                                  cfg["batch"], schedule=cfg["schedule"], weight_decay=args.weight_decay,
+                                  probe=probe if args.probe_images else None, probe_every=max(1, steps // 16))
             scm_module = model.scm if name == "scm" else None   # for the figure
             if is_main():
                 torch.save(model.state_dict(), os.path.join(out, f"{name}.pt"))
@@ -395,14 +528,28 @@ def main(argv=None):
         rows = [r for r in ("baseline", "scm", "pretrained_f0", "whole_image_box", "centred_box", "untrained")
                 if r in table]
         summary = dict(mode=args.mode, dataset=args.dataset, backbone=args.backbone, seed=args.seed,
-                       world_size=world, epochs=cfg["epochs"], lr=cfg["lr"], train_images=len(data["train"]),
-                       test_images=len(data["test"]), pretrained=pretrained_path and os.path.relpath(pretrained_path),
+                       world_size=world, epochs=cfg["epochs"], lr=cfg["lr"], batch_size=cfg["batch"],
+                       schedule=cfg["schedule"], weight_decay=args.weight_decay, no_weight_decay="1-D parameters "
+                       "and biases (lam, beta included)", scm_init=scm_init, threads=torch.get_num_threads(),
+                       train_images=len(data["train"]), eval_split=eval_split, test_images=len(data["test"]),
+                       pretrained=pretrained_path and os.path.relpath(pretrained_path),
                        backbone_weights=weights, backbone_args=args.backbone_args,
                        seconds=round(time.time() - t0, 1),
                        note="gt_known_loc: largest-contour MaxBoxAcc at IoU 0.5 (scm_ops.wsol); box floors "
-                            "have no classifier of their own", results=table)
+                            "have no classifier of their own; history: per training step, probes on the first "
+                            f"{args.probe_images} evaluation images (top_share of F0, F per block, F0 * S0[c])",
+                       results=table, history=history)
+        maps = {}   # the probes' maps go to probe_maps.npz, the rest to metrics.json
+        for name, h in history.items():
+            for i, p in enumerate(h["probe"]):
+                maps[f"{name}_step{p['step']}"] = p.pop("maps")
+        if maps:
+            np.savez_compressed(os.path.join(out, "probe_maps.npz"), images=probe[0][:2].numpy(),
+                                boxes=np.stack([b[0] for b in probe[2][:2]]), **maps)
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump(summary, f, indent=1)
+        from summarize import plot_training
+        plot_training([summary], os.path.join(out, "training.png"))
         log(f"\n{'':16s}" + "".join(f"{k:>14s}" for k in keys))
         for name in rows:
             log(f"{name:16s}" + "".join(f"{table[name][k]:14.2f}" if k in table[name] else f"{'-':>14s}"
@@ -415,7 +562,7 @@ def main(argv=None):
                    {n: (kept[n], results[n]["best_threshold"]) for n in ("baseline", "scm")}, size, scm_module,
                    title=f"{args.mode} mode, seed {args.seed}, first test images: the SCM model at work, "
                          f"the TS-CAM baseline's F0, S0[c], inference map and box beside it")
-            log(f"wrote {out}/metrics.json, figure.png, baseline.pt, scm.pt in {time.time() - t0:.0f} s")
+            log(f"wrote {out}/metrics.json, figure.png, training.png, baseline.pt, scm.pt in {time.time() - t0:.0f} s")
         else:
             log(f"wrote {args.save_backbone} and {out}/metrics.json in {time.time() - t0:.0f} s")
     if dist.is_initialized():
