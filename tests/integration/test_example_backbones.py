@@ -96,21 +96,22 @@ def test_timm_local_file_and_hugging_face_folder_are_loaded(tmp_path):
 
     saved = transformers.DeiTModel(transformers.DeiTConfig(image_size=64, **json.loads(HF_ARGS)),
                                    add_pooling_layer=False)
-    saved.save_pretrained(tmp_path / "deit")
-    bb = backbone.build_backbone(f"hf:{tmp_path / 'deit'}", 96)      # another size: positions interpolated
-    assert same_weights(bb.model, saved) and bb.num_prefix_tokens == 2 and bb.grid == (6, 6)
-    assert bb.weights == f"transformers DeiTModel.from_pretrained({tmp_path / 'deit'})"
-    cls, patches = bb.tokens(torch.rand(2, 3, 96, 96))
-    assert cls.shape == (2, 32) and patches.shape == (2, 36, 32)
+    _folder_loads_at_96_pixels(saved, tmp_path / "deit", prefix=2)     # positions interpolated
 
 
 def test_hugging_face_dinov3_folder_is_loaded_at_another_size(tmp_path):
     torch.manual_seed(1)
     saved = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(image_size=64, num_register_tokens=4,
                                                                       **json.loads(HF_ARGS)))
-    saved.save_pretrained(tmp_path / "dinov3")
-    bb = backbone.build_backbone(f"hf:{tmp_path / 'dinov3'}", 96)     # rotary embeddings: any size
-    assert same_weights(bb.model, saved) and bb.num_prefix_tokens == 5 and bb.grid == (6, 6)
-    assert bb.weights == f"transformers DINOv3ViTModel.from_pretrained({tmp_path / 'dinov3'})"
+    _folder_loads_at_96_pixels(saved, tmp_path / "dinov3", prefix=5)   # rotary embeddings: any size
+
+
+def _folder_loads_at_96_pixels(saved, folder, prefix):
+    """`saved` (made for 64 px) written to `folder` and read back by the trainer at 96 px: the
+    same weights, `prefix` prefix tokens, a 6 x 6 grid, tokens of that size."""
+    saved.save_pretrained(folder)
+    bb = backbone.build_backbone(f"hf:{folder}", 96)
+    assert same_weights(bb.model, saved) and bb.num_prefix_tokens == prefix and bb.grid == (6, 6)
+    assert bb.weights == f"transformers {type(saved).__name__}.from_pretrained({folder})"
     cls, patches = bb.tokens(torch.rand(2, 3, 96, 96))
     assert cls.shape == (2, 32) and patches.shape == (2, 36, 32)
