@@ -60,9 +60,13 @@ TOL = {torch.float64: (1e-9, 1e-6), torch.float32: (1e-4, 2e-3)}
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("exact", [False, True], ids=["published_grad", "exact_grad"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
 def test_matches_the_published_stack(device, backend, dtype, exact):
     """Default iterations (16, 4, 4, 4), per-block lam and beta as plain tensors: outputs and
-    the gradients to F0, S0, lam and beta against scm_ops.reference in float64."""
+    the gradients to F0, S0, lam and beta against scm_ops.reference in float64. The Triton
+    backend (about 40 s in the interpreter) runs with the slow cases: test_same_as_the_module
+    checks the function against the module on it, and tests/test_diffusion.py the module
+    against the reference."""
     lam_values, beta_values = [1.0, 1.1, 0.9, 1.05], [0.5, 0.4, 0.6, 0.5]
     f, s = inputs(2, 40, dtype=dtype, device=device)
     lam, beta = per_block(lam_values, dtype, device), per_block(beta_values, dtype, device)
