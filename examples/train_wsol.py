@@ -176,10 +176,10 @@ def spreading(model, images, labels, boxes, keep=0):
 
 
 def train(model, dataset, epochs, seed, desc, lr, workers=0, batch_size=64, loss_fn=None, schedule="cosine",
-          weight_decay=0.05, probe=None, probe_every=0):
+          weight_decay=0.05, probe=None, probes=16):
     """AdamW (param_groups) with the LR schedule lr_factor; loss_fn(model outputs, labels)
     defaults to the cross-entropy of the logits. probe: held-out (images, labels, boxes) whose
-    spreading is measured before training, every probe_every steps and at the end. Returns
+    spreading is measured before training, `probes` times during it and at the end. Returns
     the history: per step the loss, LR and each SCM block's lam and beta; the probes (with,
     under "maps", F0 and F of the first two probe images: spreading's keep)."""
     from tqdm import tqdm
@@ -191,6 +191,7 @@ def train(model, dataset, epochs, seed, desc, lr, workers=0, batch_size=64, loss
     batch = batch_size // world
     steps_per_epoch = max(1, len(dataset) // (batch * world))
     total = epochs * steps_per_epoch
+    probe_every = max(1, total // probes)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(schedule, t, total, steps_per_epoch))
     history = dict(step=[], loss=[], lr=[], lam=[], beta=[], probe=[])
     scm = getattr(model, "scm", None)
@@ -228,7 +229,7 @@ def train(model, dataset, epochs, seed, desc, lr, workers=0, batch_size=64, loss
             if scm is not None:
                 history["lam"].append([round(v, 6) for v in scm.lam.detach().float().tolist()])
                 history["beta"].append([round(v, 6) for v in scm.beta.detach().float().tolist()])
-            if probe_every and step % probe_every == 0 and step < total:
+            if step % probe_every == 0 and step < total:
                 record_probe(step)
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -505,7 +506,6 @@ def main(argv=None):
                 results["pretrained_f0"], _ = evaluate(start, data["test"], "eval pretrained F0", f0_only=True,
                                                        classify=False)
         probe = datasets.collate([data["test"][i] for i in range(min(args.probe_images, len(data["test"])))])
-        steps = cfg["epochs"] * max(1, len(data["train"]) // cfg["batch"])
         history = {}
         for name in ("baseline", "scm"):
             model = new_model(name == "scm", len(classes))
@@ -513,7 +513,7 @@ def main(argv=None):
             model.head.load_state_dict(start.head.state_dict())
             history[name] = train(model, data["train"], cfg["epochs"], args.seed + 1, name, cfg["lr"], args.workers,
                                   cfg["batch"], schedule=cfg["schedule"], weight_decay=args.weight_decay,
-                                  probe=probe if args.probe_images else None, probe_every=max(1, steps // 16))
+                                  probe=probe if args.probe_images else None)
             scm_module = model.scm if name == "scm" else None   # for the figure
             if is_main():
                 torch.save(model.state_dict(), os.path.join(out, f"{name}.pt"))
@@ -541,7 +541,7 @@ def main(argv=None):
                        results=table, history=history)
         maps = {}   # the probes' maps go to probe_maps.npz, the rest to metrics.json
         for name, h in history.items():
-            for i, p in enumerate(h["probe"]):
+            for p in h["probe"]:
                 maps[f"{name}_step{p['step']}"] = p.pop("maps")
         if maps:
             np.savez_compressed(os.path.join(out, "probe_maps.npz"), images=probe[0][:2].numpy(),
