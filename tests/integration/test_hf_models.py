@@ -17,7 +17,6 @@ transformers = pytest.importorskip("transformers")
 
 from scm_ops import ClassAttentionRecorder, attention_map_from_blocks  # noqa: E402
 from scm_ops.attention import class_token_attention  # noqa: E402
-from scm_ops.diffusion import minmax_normalize  # noqa: E402
 
 TOL = 1e-4      # on min-max normalised F0 (each measured error is printed; run with -s)
 CONFIG = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=128, image_size=224,
@@ -219,7 +218,7 @@ def test_beit_relative_position_bias_comes_in_as_the_attention_mask(bias):
 
 
 @pytest.mark.parametrize("kind", ["vit", "deit", "dinov3", "beit"])
-def test_bfloat16_autocast_against_the_eager_attention_weights(kind):
+def test_bfloat16_autocast_against_the_eager_attention_weights(kind, check_bfloat16_f0):
     """Under autocast the eager model returns bfloat16 weights. The recorder's rows (on the
     same pass) equal its class rows up to bfloat16 rounding (the weights are rounded to 8
     bits, 2^-9 relative, and a logit may round either way: rtol 2^-7), and, summed in
@@ -241,17 +240,7 @@ def test_bfloat16_autocast_against_the_eager_attention_weights(kind):
             weights = model(pixel_values=images, output_attentions=True).attentions
         f0 = recorder.attention_map()
     assert weights[0].dtype == torch.bfloat16
-    for row, w in zip(recorder.rows, weights):
-        assert row.dtype == torch.float32
-        torch.testing.assert_close(row, w[:, :, 0].float(), rtol=2 ** -7, atol=0)
-    own = attention_map_from_blocks([w.float() for w in weights], grid, num_prefix_tokens=prefix)
-    err, own_err = (f0 - exact).abs().max().item(), (own - exact).abs().max().item()
-    summed = torch.stack([r.bfloat16().mean(1) for r in recorder.rows]).sum(0)[:, prefix:]   # rows summed in bfloat16
-    low_err = (minmax_normalize(summed.reshape(-1, *grid), (1, 2)).float() - exact).abs().max().item()
-    print(f"\nHF {kind} under bfloat16 autocast: F0 against float32 {err:.2e} (the model's own bfloat16 weights: "
-          f"{own_err:.2e}), against the materialised bfloat16 attention {(f0 - own).abs().max():.2e}; "
-          f"its rows summed in bfloat16: {low_err:.2e}")
-    assert f0.dtype == torch.float32 and err < 0.02 < low_err and err <= own_err + 1e-6
+    check_bfloat16_f0(f"HF {kind}", recorder, weights, f0, exact, grid, prefix)
 
 
 def test_a_family_not_read_keeps_a_named_error():

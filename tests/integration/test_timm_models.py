@@ -15,7 +15,6 @@ timm = pytest.importorskip("timm")
 
 from scm_ops import ClassAttentionRecorder, attention_map_from_blocks  # noqa: E402
 from scm_ops.attention import class_token_attention  # noqa: E402
-from scm_ops.diffusion import minmax_normalize  # noqa: E402
 
 TOL = 1e-4      # on min-max normalised F0 (each measured error is printed; run with -s)
 
@@ -159,7 +158,7 @@ AUTOCAST = sorted(k for k in MODELS if MODELS[k][5] == torch.float32)
 
 @pytest.mark.filterwarnings("ignore:.*pools its tokens")
 @pytest.mark.parametrize("key", AUTOCAST)
-def test_bfloat16_autocast_against_the_materialised_attention(key):
+def test_bfloat16_autocast_against_the_materialised_attention(key, check_bfloat16_f0):
     """Under autocast the model forms q, k and its attention in bfloat16. The recorder's
     rows equal the model's materialised class rows up to bfloat16 rounding (the model's
     weights are rounded to 8 bits, 2^-9 relative, and a logit may round one way or the
@@ -180,17 +179,7 @@ def test_bfloat16_autocast_against_the_materialised_attention(key):
         finally:
             keep.close()
         f0 = recorder.attention_map()
-    for row, weights in zip(recorder.rows, keep.weights):
-        assert row.dtype == torch.float32
-        torch.testing.assert_close(row, weights[:, :, 0].float(), rtol=2 ** -7, atol=0)
-    own = attention_map_from_blocks([w.float() for w in keep.weights], grid, num_prefix_tokens=prefix)
-    err, own_err = (f0 - exact).abs().max().item(), (own - exact).abs().max().item()
-    summed = torch.stack([r.bfloat16().mean(1) for r in recorder.rows]).sum(0)[:, prefix:]   # rows summed in bfloat16
-    low_err = (minmax_normalize(summed.reshape(-1, *grid), (1, 2)).float() - exact).abs().max().item()
-    print(f"\ntimm {key} under bfloat16 autocast: F0 against float32 {err:.2e} (the model's own bfloat16 "
-          f"weights: {own_err:.2e}), against the materialised bfloat16 attention {(f0 - own).abs().max():.2e}; "
-          f"its rows summed in bfloat16: {low_err:.2e}")
-    assert f0.dtype == torch.float32 and err < 0.02 < low_err and err <= own_err + 1e-6
+    check_bfloat16_f0(f"timm {key}", recorder, keep.weights, f0, exact, grid, prefix)
 
 
 def test_dinov3_any_image_size():
