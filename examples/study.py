@@ -102,12 +102,15 @@ def summarize(seeds, runs, extra):
         spreading[str(s)]["scm"]["lam"] = m["history"]["scm"]["lam"][-1]
         spreading[str(s)]["scm"]["beta"] = m["history"]["scm"]["beta"][-1]
 
+    def differences(key):       # SCM minus baseline, per seed
+        return [e["results"]["scm"][key] - e["results"]["baseline"][key] for e in entries]
+
     def paired(key):
-        d = [e["results"]["scm"][key] - e["results"]["baseline"][key] for e in entries]
+        d = differences(key)
         return dict(mean=round(float(np.mean(d)), 2), ci95=[round(v, 2) for v in bootstrap_ci(d)])
 
     def per_seed(key):
-        d = [round(e["results"]["scm"][key] - e["results"]["baseline"][key], 2) for e in entries]
+        d = [round(v, 2) for v in differences(key)]
         return dict(per_seed=d, scm_above=int(sum(v > 0 for v in d)))
 
     m = metrics[0]
