@@ -57,14 +57,16 @@ def fresh(monkeypatch, tmp_path):
     return marker
 
 
-def _library_name(tmp_path) -> str:
-    """The file name this machine's build is cached under (built once in a scratch cache)."""
-    scratch = tmp_path / "scratch"
+@pytest.fixture(scope="module")
+def built_library(tmp_path_factory) -> pathlib.Path:
+    """This machine's build, made once in a scratch cache by another process: its file name is
+    the one a planted library must take."""
+    scratch = tmp_path_factory.mktemp("scratch")
     env = dict(os.environ, SCM_OPS_CACHE_DIR=str(scratch))
     subprocess.run([sys.executable, "-c", "from scm_ops.structured import cpu; assert cpu.library()"],
                    env=env, check=True, timeout=300)
-    (name,) = [p.name for p in (scratch / "cpu").glob("cpu-*.so")]
-    return name
+    (path,) = (scratch / "cpu").glob("cpu-*.so")
+    return path
 
 
 def _plant(path: pathlib.Path, tmp_path) -> None:
@@ -158,10 +160,10 @@ def test_another_owner_is_refused(tmp_path, monkeypatch):
 
 @needs_compiler
 @pytest.mark.parametrize("where", ["world_writable_dir", "group_writable_file"])
-def test_a_planted_library_is_never_loaded(fresh, tmp_path, where):
+def test_a_planted_library_is_never_loaded(fresh, tmp_path, built_library, where):
     """A library at the exact cached name, in a cache directory anyone can write or as a file
     its group can write: refused with a warning naming it; the kernels are built and run right."""
-    name = _library_name(tmp_path)
+    name = built_library.name
     directory = tmp_path / "cache" / "cpu"
     _plant(directory / name, tmp_path)
     if where == "world_writable_dir":
@@ -180,10 +182,10 @@ def test_a_planted_library_is_never_loaded(fresh, tmp_path, where):
 
 @needs_compiler
 @needs_root
-def test_a_library_of_another_owner_is_never_loaded(fresh, tmp_path, monkeypatch):
+def test_a_library_of_another_owner_is_never_loaded(fresh, tmp_path, built_library, monkeypatch):
     """Another user's library in the cache, or in the shared temporary folder that served as a
     fallback before (no private cache works here: the cache path lies under a file)."""
-    name = _library_name(tmp_path)
+    name = built_library.name
     directory = cache.private_directory(tmp_path / "cache" / "cpu")
     _plant(directory / name, tmp_path)
     os.chown(directory / name, OTHER_UID, OTHER_UID)
@@ -207,10 +209,10 @@ def test_a_library_of_another_owner_is_never_loaded(fresh, tmp_path, monkeypatch
 
 
 @needs_compiler
-def test_a_truncated_library_is_rebuilt(fresh, tmp_path):
+def test_a_truncated_library_is_rebuilt(fresh, tmp_path, built_library):
     """A killed build's partial file under the cached name: rebuilt, not a crash."""
-    name = _library_name(tmp_path)
-    good = (tmp_path / "scratch" / "cpu" / name).read_bytes()
+    name = built_library.name
+    good = built_library.read_bytes()
     directory = cache.private_directory(tmp_path / "cache" / "cpu")
     (directory / name).write_bytes(good[: len(good) // 3])
     os.chmod(directory / name, 0o700)
